@@ -1,0 +1,62 @@
+"""Builds megatron-core ``GPTModel`` chunks for this rank's pipeline stage(s)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+
+def transformer_engine_usable() -> bool:
+    """Transformer-engine layers need CUDA and the package; checked without importing it."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def gpt_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False, use_te: Optional[bool] = None):
+    """Transformer-engine's fused layer spec on a GPU that has it, megatron's local spec
+    (torch norms and linears) otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te is None:
+        use_te = transformer_engine_usable()
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+
+
+def build_gpt_model_chunks(
+    config,
+    *,
+    vocab_size: int,
+    max_sequence_length: int,
+    share_embeddings_and_output_weights: bool = False,
+    rotary_base: int = 10000,
+    layer_spec=None,
+) -> list[torch.nn.Module]:
+    """One ``GPTModel`` per virtual pipeline stage held by this rank (a list of one without
+    interleaving), each knowing whether it holds the embedding (first stage) or the output
+    layer (last stage). ``vocab_size`` is the padded size (a multiple of the TP size)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    spec = layer_spec if layer_spec is not None else gpt_layer_spec(config.normalization)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=vocab_size,
+                max_sequence_length=max_sequence_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+                position_embedding_type="rope",
+                rotary_base=rotary_base,
+                vp_stage=stage,
+            )
+        )
+    return chunks

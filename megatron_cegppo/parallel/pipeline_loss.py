@@ -1,0 +1,227 @@
+"""The policy loss wired into megatron-core's pipeline schedules.
+
+``get_forward_backward_func()`` calls ``forward_step(data_iterator, model)`` once per
+micro-batch on every pipeline stage. Earlier stages only run their layers (the schedule
+sends the activations on); on the last stage the returned ``loss_func`` turns the
+vocab-sharded output into per-token log-probs and entropy across the tensor-parallel ranks
+and applies the chosen policy loss.
+
+Exact mini-batch losses: a mini-batch is split into ``num_microbatches`` micro-batches on each
+of ``dp_world_size`` data-parallel ranks. Each micro-batch is aggregated with the
+*mini-batch-wide* normalizer (``batch["loss_normalizer"]``, from
+:func:`minibatch_loss_normalizer`), so the micro-batch losses add up to the mini-batch loss for
+every aggregation mode. The schedule divides each returned loss by ``num_microbatches`` and
+megatron's DDP averages gradients over data-parallel ranks, so the returned loss is multiplied
+by ``num_microbatches * dp_world_size`` to undo both.
+
+Micro-batch fields (``[micro_batch, seq]`` tensors, label-aligned: position ``t`` scores
+``labels[:, t]``, the token after ``input_ids[:, t]``): ``input_ids``, ``position_ids``,
+``labels``, ``loss_mask`` (1 on response tokens), ``old_log_prob``, ``advantages``,
+``loss_normalizer`` (0-dim), and optionally ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_cegppo.losses import LOSS_AGG_MODES, POLICY_LOSSES, aggregate_loss, loss_normalizer
+from megatron_cegppo.parallel.vocab_parallel import (
+    fused_vocab_parallel_logprobs_entropy,
+    vocab_parallel_logprobs_entropy,
+)
+
+LOGPROB_IMPLS = ("logits", "fused")
+
+
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """What the last pipeline stage computes."""
+
+    loss: str = "cegppo"  # a key of losses.POLICY_LOSSES
+    loss_kwargs: Mapping[str, Any] = field(default_factory=dict)  # eps_low, beta1, ...
+    loss_agg_mode: str = "token-mean"
+    temperature: float = 1.0
+    vocab_size: Optional[int] = None  # true vocabulary size; padded columns excluded
+    # "logits": from the output layer's vocab-sharded logits; "fused": from the last hidden
+    # states and the output weight, chunk by chunk (no [tokens, V/TP] logits at all).
+    logprob_impl: str = "logits"
+    chunk_size: Optional[int] = None
+    entropy_coeff: float = 0.0  # > 0 adds an entropy bonus (off in the paper)
+
+    def __post_init__(self) -> None:
+        if self.loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy loss {self.loss!r}; choose one of {sorted(POLICY_LOSSES)}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(
+                f"unknown loss_agg_mode {self.loss_agg_mode!r}; choose one of {list(LOSS_AGG_MODES)}"
+            )
+        if self.logprob_impl not in LOGPROB_IMPLS:
+            raise ValueError(f"unknown logprob_impl {self.logprob_impl!r}; choose one of {list(LOGPROB_IMPLS)}")
+
+
+def minibatch_loss_normalizer(
+    loss_masks: Iterable[torch.Tensor], loss_agg_mode: str, dp_group=None
+) -> torch.Tensor:
+    """The aggregation denominator of a whole mini-batch: summed over its micro-batches and
+    (with ``dp_group``) over data-parallel ranks. Every mode's denominator is additive (a
+    token count, a sequence count, or batch x length)."""
+    total = sum(loss_normalizer(m.bool(), loss_agg_mode, clamp=False) for m in loss_masks)
+    total = torch.as_tensor(total, dtype=torch.float32)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(total, group=dp_group)
+    return total.clamp(min=1.0)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _tp_group(core: torch.nn.Module):
+    pg = getattr(core, "pg_collection", None)
+    if pg is not None and getattr(pg, "tp", None) is not None:
+        return pg.tp
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _output_weight(core: torch.nn.Module) -> torch.Tensor:
+    if core.share_embeddings_and_output_weights:
+        return core.shared_embedding_or_output_weight()
+    return core.output_layer.weight
+
+
+def _output_layer_forward(self, input_, weight=None, runtime_gather_output=None):
+    """Stands in for ``ColumnParallelLinear.forward`` of the output layer. While
+    ``self.return_hidden_states`` is set (log-probs computed by the fused function), it
+    returns the (sequence-gathered) hidden states instead of logits; otherwise it is the
+    upstream forward. The fused function sums the hidden-state gradient over the
+    tensor-parallel group itself, so the sequence-parallel gather's backward only splits."""
+    if not self.return_hidden_states:
+        return type(self).forward(self, input_, weight=weight, runtime_gather_output=runtime_gather_output)
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        input_ = gather_from_sequence_parallel_region(
+            input_, tensor_parallel_output_grad=False, group=self.tp_group
+        )
+    return input_, None
+
+
+def set_output_hidden_states(model: torch.nn.Module, enabled: bool) -> None:
+    """Makes the last stage's GPTModel return hidden states ``[b, s, h]`` instead of logits
+    (or back), without touching its parameters or state dict."""
+    core = unwrap_model(model)
+    if not core.post_process:
+        return
+    layer = core.output_layer
+    if not hasattr(layer, "return_hidden_states"):
+        layer.forward = types.MethodType(_output_layer_forward, layer)
+    layer.return_hidden_states = enabled
+
+
+def _token_logprobs_entropy(spec: PolicyLossSpec, core, output, labels):
+    kw = dict(
+        tp_group=_tp_group(core), temperature=spec.temperature,
+        vocab_size=spec.vocab_size, chunk_size=spec.chunk_size,
+    )
+    if spec.logprob_impl == "fused":
+        return fused_vocab_parallel_logprobs_entropy(output, _output_weight(core), labels, **kw)
+    return vocab_parallel_logprobs_entropy(output, labels, **kw)
+
+
+def _run_model(model, batch: Mapping[str, torch.Tensor], spec: PolicyLossSpec):
+    core = unwrap_model(model)
+    set_output_hidden_states(core, spec.logprob_impl == "fused")
+    output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+    return core, output
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.bool()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _policy_loss_func(spec: PolicyLossSpec, batch, core, scale: float, output):
+    mask = batch["loss_mask"].bool()
+    log_prob, entropy = _token_logprobs_entropy(spec, core, output, batch["labels"])
+    loss, metrics = POLICY_LOSSES[spec.loss](
+        log_prob, batch["old_log_prob"], batch["advantages"], mask,
+        loss_agg_mode=spec.loss_agg_mode, normalizer=batch["loss_normalizer"],
+        entropy=entropy.detach(), **dict(spec.loss_kwargs),
+    )
+    if spec.entropy_coeff:
+        bonus = aggregate_loss(entropy, mask, spec.loss_agg_mode, normalizer=batch["loss_normalizer"])
+        loss = loss - spec.entropy_coeff * bonus
+    metrics = dict(metrics)
+    metrics["loss"] = loss.detach()
+    metrics["entropy"] = _masked_mean(entropy.detach(), mask)
+    return loss * scale, metrics
+
+
+def make_policy_forward_step(
+    spec: PolicyLossSpec, *, num_microbatches: int, dp_world_size: int = 1
+) -> Callable:
+    """A ``forward_step_func`` for ``get_forward_backward_func()`` that trains on ``spec``.
+
+    The per-micro-batch metrics (the policy loss's, plus ``loss`` — this micro-batch's share
+    of the mini-batch loss — and ``entropy``) come back from the schedule on the last stage.
+    """
+    if num_microbatches < 1 or dp_world_size < 1:
+        raise ValueError("num_microbatches and dp_world_size must be >= 1")
+    scale = float(num_microbatches * dp_world_size)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        core, output = _run_model(model, batch, spec)
+        return output, partial(_policy_loss_func, spec, batch, core, scale)
+
+    return forward_step
+
+
+def _logprob_loss_func(spec: PolicyLossSpec, batch, core, output):
+    log_prob, entropy = _token_logprobs_entropy(spec, core, output, batch["labels"])
+    zero = log_prob.new_zeros(())
+    return zero, {"log_prob": log_prob.detach(), "entropy": entropy.detach()}
+
+
+def make_logprob_forward_step(spec: PolicyLossSpec) -> Callable:
+    """A ``forward_step_func`` for ``forward_only=True`` runs: the last stage returns each
+    micro-batch's per-token ``log_prob`` and ``entropy`` (e.g. the old policy's log-probs
+    before an update). Only ``input_ids``, ``position_ids`` and ``labels`` are read."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        core, output = _run_model(model, batch, spec)
+        return output, partial(_logprob_loss_func, spec, batch, core)
+
+    return forward_step
+
+
+def reduce_microbatch_metrics(stores: list[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Combines the per-micro-batch metric dicts the schedule returns: ``loss`` is summed
+    (each is a share of the mini-batch loss), ``*_clipped`` counts and ``num_tokens`` are
+    summed, every other metric is averaged weighted by its micro-batch's ``num_tokens``."""
+    if not stores:
+        return {}
+    weights = [float(s.get("num_tokens", 1.0)) for s in stores]
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {}
+    for key in stores[0]:
+        values = [float(s[key]) for s in stores]
+        if key in ("loss", "num_tokens") or key.endswith("_clipped"):
+            out[key] = sum(values)
+        elif key == "ratio_max":
+            out[key] = max(values)
+        else:
+            out[key] = sum(v * w for v, w in zip(values, weights)) / total
+    return out

