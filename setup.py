@@ -43,6 +43,5 @@ setup(
         "safetensors",
     ],
     extras_require={"cpu": CPU, "gpu": GPU, "dev": DEV},
-    entry_points={"console_scripts": ["megatron-cegppo=megatron_cegppo.cli:main"]},
     license="Apache-2.0",
 )

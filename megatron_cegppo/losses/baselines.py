@@ -18,15 +18,10 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .aggregation import aggregate_loss
 from .cegppo import LOG_RATIO_CLAMP
-from .statistics import masked_max, policy_metrics
-from .validation import (
-    check_clip_ratio_c,
-    check_eps,
-    sanitize_inputs,
-    validate_policy_inputs,
-)
+from .driver import compute_policy_loss
+from .statistics import masked_max
+from .validation import check_clip_ratio_c, check_eps
 
 __all__ = [
     "ppo_clip_loss",
@@ -127,39 +122,14 @@ def ppo_clip_loss(
     check_eps("eps_low", eps_low, upper_one=True)
     check_eps("eps_high", eps_high, upper_one=False)
     check_clip_ratio_c(clip_ratio_c, allow_none=True)
-    mask = validate_policy_inputs(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        loss_agg_mode=loss_agg_mode,
-        normalizer=normalizer,
-        entropy=entropy,
-        hp_threshold=hp_threshold,
-        check_finite=check_finite,
-    )
-    lp, old, adv = sanitize_inputs(mask, log_prob, old_log_prob, advantages)
-    loss_mat, br = ppo_clip_token_loss(
-        lp,
-        old,
-        adv,
-        eps_low=float(eps_low),
-        eps_high=float(eps_high),
-        clip_ratio_c=None if clip_ratio_c is None else float(clip_ratio_c),
-    )
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, normalizer)
-    dual = br["dual_clipped"]
-    metrics = policy_metrics(
-        loss=loss,
-        log_prob=lp,
-        log_ratio=br["log_ratio"],
-        advantages=adv,
-        mask=mask,
-        clipped_low=br["clipped_low"] & mask,
-        clipped_high=br["clipped_high"] & mask,
-        dual_clipped=None if dual is None else dual & mask,
-        entropy=entropy,
-        hp_threshold=float(hp_threshold),
+    c = None if clip_ratio_c is None else float(clip_ratio_c)
+    loss, metrics, _, _ = compute_policy_loss(
+        lambda lp, old, adv, mask: ppo_clip_token_loss(
+            lp, old, adv, eps_low=float(eps_low), eps_high=float(eps_high), clip_ratio_c=c
+        ),
+        log_prob, old_log_prob, advantages, response_mask,
+        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
+        hp_threshold=hp_threshold, check_finite=check_finite,
     )
     return loss, metrics
 
@@ -228,37 +198,12 @@ def cispo_loss(
     """
     check_eps("eps_low", eps_low, upper_one=True, allow_none=True)
     check_eps("eps_high", eps_high, upper_one=False)
-    mask = validate_policy_inputs(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        loss_agg_mode=loss_agg_mode,
-        normalizer=normalizer,
-        entropy=entropy,
-        hp_threshold=hp_threshold,
-        check_finite=check_finite,
-    )
-    lp, old, adv = sanitize_inputs(mask, log_prob, old_log_prob, advantages)
-    loss_mat, br = cispo_token_loss(
-        lp,
-        old,
-        adv,
-        eps_low=None if eps_low is None else float(eps_low),
-        eps_high=float(eps_high),
-    )
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, normalizer)
-    metrics = policy_metrics(
-        loss=loss,
-        log_prob=lp,
-        log_ratio=br["log_ratio"],
-        advantages=adv,
-        mask=mask,
-        clipped_low=br["clipped_low"] & mask,
-        clipped_high=br["clipped_high"] & mask,
-        dual_clipped=None,
-        entropy=entropy,
-        hp_threshold=float(hp_threshold),
+    low = None if eps_low is None else float(eps_low)
+    loss, metrics, _, _ = compute_policy_loss(
+        lambda lp, old, adv, mask: cispo_token_loss(lp, old, adv, eps_low=low, eps_high=float(eps_high)),
+        log_prob, old_log_prob, advantages, response_mask,
+        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
+        hp_threshold=hp_threshold, check_finite=check_finite,
     )
     return loss, metrics
 
@@ -340,33 +285,13 @@ def gspo_loss(
     """
     check_eps("eps_low", eps_low, upper_one=True)
     check_eps("eps_high", eps_high, upper_one=False)
-    mask = validate_policy_inputs(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        loss_agg_mode=loss_agg_mode,
-        normalizer=normalizer,
-        entropy=entropy,
-        hp_threshold=hp_threshold,
-        check_finite=check_finite,
-    )
-    lp, old, adv = sanitize_inputs(mask, log_prob, old_log_prob, advantages)
-    loss_mat, br = gspo_token_loss(
-        lp, old, adv, mask, eps_low=float(eps_low), eps_high=float(eps_high)
-    )
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, normalizer)
-    metrics = policy_metrics(
-        loss=loss,
-        log_prob=lp,
-        log_ratio=br["log_ratio"],
-        advantages=adv,
-        mask=mask,
-        clipped_low=br["clipped_low"] & mask,
-        clipped_high=br["clipped_high"] & mask,
-        dual_clipped=None,
-        entropy=entropy,
-        hp_threshold=float(hp_threshold),
+    loss, metrics, br, _ = compute_policy_loss(
+        lambda lp, old, adv, mask: gspo_token_loss(
+            lp, old, adv, mask, eps_low=float(eps_low), eps_high=float(eps_high)
+        ),
+        log_prob, old_log_prob, advantages, response_mask,
+        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
+        hp_threshold=hp_threshold, check_finite=check_finite,
     )
     seq_valid = br["seq_valid"]
     seq_ratio = torch.exp(br["seq_log_ratio"].to(torch.float32))

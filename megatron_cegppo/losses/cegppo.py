@@ -10,15 +10,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .aggregation import aggregate_loss
-from .statistics import policy_metrics
-from .validation import (
-    check_clip_ratio_c,
-    check_eps,
-    check_nonneg,
-    sanitize_inputs,
-    validate_policy_inputs,
-)
+from .driver import compute_policy_loss
+from .validation import check_clip_ratio_c, check_eps, check_nonneg
 
 __all__ = ["cegppo_loss", "cegppo_token_loss", "LOG_RATIO_CLAMP"]
 
@@ -161,39 +154,13 @@ def cegppo_loss(
     check_nonneg("beta1", beta1)
     check_nonneg("beta2", beta2)
     check_clip_ratio_c(clip_ratio_c, allow_none=False)
-    mask = validate_policy_inputs(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        loss_agg_mode=loss_agg_mode,
-        normalizer=normalizer,
-        entropy=entropy,
-        hp_threshold=hp_threshold,
-        check_finite=check_finite,
-    )
-    lp, old, adv = sanitize_inputs(mask, log_prob, old_log_prob, advantages)
-    loss_mat, br = cegppo_token_loss(
-        lp,
-        old,
-        adv,
-        eps_low=float(eps_low),
-        eps_high=float(eps_high),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        clip_ratio_c=float(clip_ratio_c),
-    )
-    loss = aggregate_loss(loss_mat, mask, loss_agg_mode, normalizer)
-    metrics = policy_metrics(
-        loss=loss,
-        log_prob=lp,
-        log_ratio=br["log_ratio"],
-        advantages=adv,
-        mask=mask,
-        clipped_low=br["clipped_low"] & mask,
-        clipped_high=br["clipped_high"] & mask,
-        dual_clipped=br["dual_clipped"] & mask,
-        entropy=entropy,
-        hp_threshold=float(hp_threshold),
+    loss, metrics, _, _ = compute_policy_loss(
+        lambda lp, old, adv, mask: cegppo_token_loss(
+            lp, old, adv, eps_low=float(eps_low), eps_high=float(eps_high),
+            beta1=float(beta1), beta2=float(beta2), clip_ratio_c=float(clip_ratio_c),
+        ),
+        log_prob, old_log_prob, advantages, response_mask,
+        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
+        hp_threshold=hp_threshold, check_finite=check_finite,
     )
     return loss, metrics

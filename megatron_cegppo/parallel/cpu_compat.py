@@ -2,8 +2,8 @@
 
 Every patch here names the upstream function it stands in for. They are applied by
 :func:`apply_cpu_compat` only when CUDA is absent, so the same model, schedule and optimizer
-code runs natively on a GPU. ``tests/unit/parallel/test_cpu_compat.py`` has one test per
-patch that fails when the patch is removed.
+code runs natively on a GPU. ``tests/distributed/parallel/test_cpu_compat.py`` shows, for
+each patch, that megatron fails without it and works with it.
 
 The one patch that is not about CUDA, :func:`allow_sequence_parallel_torch_norm`, is applied
 whenever megatron builds its torch-native norm (no transformer-engine / apex), CPU or GPU.
@@ -204,16 +204,42 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def apply_cpu_compat(force: bool = False) -> bool:
+_CPU_PATCHES = {
+    "current_device": _patch_current_device,
+    "synchronize": _patch_synchronize,
+    "tensor_cuda": _patch_tensor_cuda,
+    "rng": _patch_rng,
+    "hardcoded_cuda_modules": _patch_hardcoded_cuda_modules,
+}
+PATCH_NAMES = ("sequence_parallel_torch_norm",) + tuple(_CPU_PATCHES)
+
+
+def apply_cpu_compat(force: bool = False, exclude: tuple[str, ...] = ()) -> bool:
     """Applies every CPU workaround if CUDA is absent (or ``force``). Idempotent.
 
+    ``exclude`` names patches to leave out (the tests use it to show each one is needed).
     Returns whether the CPU workarounds are in effect."""
-    allow_sequence_parallel_torch_norm()
+    unknown = set(exclude) - set(PATCH_NAMES)
+    if unknown:
+        raise ValueError(f"unknown patch name(s) {sorted(unknown)}; known: {list(PATCH_NAMES)}")
+    if "sequence_parallel_torch_norm" not in exclude:
+        allow_sequence_parallel_torch_norm()
     if cuda_available() and not force:
         return False
-    _patch_once("current_device", _patch_current_device)
-    _patch_once("synchronize", _patch_synchronize)
-    _patch_once("tensor_cuda", _patch_tensor_cuda)
-    _patch_once("rng", _patch_rng)
-    _patch_once("hardcoded_cuda_modules", _patch_hardcoded_cuda_modules)
+    for name, patch in _CPU_PATCHES.items():
+        if name not in exclude:
+            _patch_once(name, patch)
     return True
+
+
+def disable_batched_p2p_on_gloo(config) -> None:
+    """Sets ``config.batch_p2p_comm = False`` when the default process group is gloo.
+
+    With interleaved pipelines, megatron's batched p2p (``torch.distributed.batch_isend_irecv``
+    in ``pipeline_parallel.p2p_communication._batched_p2p_ops``) pairs two isends to the same
+    peer with the wrong irecvs on gloo and silently exchanges the wrong activations; the
+    unbatched path (``_p2p_ops``) is correct. NCCL is unaffected."""
+    import torch.distributed as dist
+
+    if config.batch_p2p_comm and dist.is_initialized() and dist.get_backend() == "gloo":
+        config.batch_p2p_comm = False

@@ -27,8 +27,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# Elements of fp32 scratch per chunk (x2 buffers): 16 Mi elements = 64 MiB each.
-_CHUNK_ELEMENTS = 1 << 24
+# Elements of fp32 scratch per chunk (2-3 buffers): 4 Mi elements = 16 MiB each. Large
+# enough for the chunk's matmul and element-wise work to run at full speed, small next to
+# the [tokens, V/TP] tensors the common approach holds.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,25 @@ def _grad_tempered_logits(z, labels, lse, entropy, g_lp, g_ent, shard: VocabShar
     return grad
 
 
+def _log_softmax_statistics(tempered_chunk, labels, shard: VocabShard, group, chunk_rows: int):
+    """(log-sum-exp, entropy, label logit) per token over the whole vocabulary.
+    ``tempered_chunk(begin, end)`` gives a fresh float32 ``[end - begin, valid]`` chunk."""
+    n = labels.shape[0]
+    stats = [torch.empty(n, dtype=torch.float32, device=labels.device) for _ in range(4)]
+    for begin in range(0, n, chunk_rows):
+        end = min(n, begin + chunk_rows)
+        for out, value in zip(stats, _shard_statistics(tempered_chunk(begin, end), labels[begin:end], shard)):
+            out[begin:end] = value
+    return _combine(*stats, group, _rank_and_world(group)[1])
+
+
+def _grad_logits(z, temperature, begin, end, labels, lse, entropy, g_lp, g_ent, shard):
+    """Gradient with respect to the (untempered) logits of rows ``begin:end``."""
+    rows = slice(begin, end)
+    grad = _grad_tempered_logits(z, labels[rows], lse[rows], entropy[rows], g_lp[rows], g_ent[rows], shard)
+    return grad.div_(temperature) if temperature != 1.0 else grad
+
+
 def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad.reshape(-1).float()
 
@@ -161,17 +182,11 @@ def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Te
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, group, temperature, shard: VocabShard, chunk_rows):
-        world = _rank_and_world(group)[1]
         flat = logits.reshape(-1, shard.width)
-        flat_labels = labels.reshape(-1)
-        n = flat.shape[0]
-        stats = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4)]
-        for begin in range(0, n, chunk_rows):
-            end = min(n, begin + chunk_rows)
-            z = _tempered(flat[begin:end, : shard.valid], temperature)
-            for out, value in zip(stats, _shard_statistics(z, flat_labels[begin:end], shard)):
-                out[begin:end] = value
-        lse, entropy, label_logit = _combine(*stats, group, world)
+        lse, entropy, label_logit = _log_softmax_statistics(
+            lambda b, e: _tempered(flat[b:e, : shard.valid], temperature),
+            labels.reshape(-1), shard, group, chunk_rows,
+        )
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.temperature, ctx.shard, ctx.chunk_rows = temperature, shard, chunk_rows
         log_probs = label_logit - lse
@@ -190,20 +205,16 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         for begin in range(0, flat.shape[0], ctx.chunk_rows):
             end = min(flat.shape[0], begin + ctx.chunk_rows)
             z = _tempered(flat[begin:end, : shard.valid], temperature)
-            gz = _grad_tempered_logits(
-                z, flat_labels[begin:end], lse[begin:end], entropy[begin:end],
-                g_lp[begin:end], g_ent[begin:end], shard,
+            grad[begin:end, : shard.valid] = _grad_logits(
+                z, temperature, begin, end, flat_labels, lse, entropy, g_lp, g_ent, shard
             )
-            if temperature != 1.0:
-                gz.div_(temperature)
-            grad[begin:end, : shard.valid] = gz
         return grad.view(logits.shape), None, None, None, None, None
 
 
-def _tempered(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A float32 copy of ``chunk`` divided by the temperature (never a view of the input:
-    the statistics are computed in place on it)."""
-    z = chunk.to(torch.float32, copy=True)
+def _tempered(chunk: torch.Tensor, temperature: float, owned: bool = False) -> torch.Tensor:
+    """``chunk`` in float32 divided by the temperature, in a buffer the caller may overwrite:
+    a copy unless ``owned`` (a fresh float32 matmul output is reused as it is)."""
+    z = chunk.to(torch.float32, copy=not owned)
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -230,7 +241,7 @@ def vocab_parallel_logprobs_entropy(
         temperature: the logits are divided by it (vLLM's sampling temperature).
         vocab_size: the true vocabulary size; columns at or past it are padding and are
             excluded. ``None``: every column is a token.
-        chunk_size: tokens per chunk of scratch work (default: ~64 MiB of fp32 per buffer).
+        chunk_size: tokens per chunk of scratch work (default: ~16 MiB of fp32 per buffer).
 
     Returns:
         ``(log_probs, entropy)``, float32, shaped like ``labels``; both differentiable.
@@ -251,16 +262,11 @@ class _FusedVocabParallelLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, group, temperature, shard: VocabShard, chunk_rows):
         world = _rank_and_world(group)[1]
         flat = hidden.reshape(-1, hidden.shape[-1])
-        flat_labels = labels.reshape(-1)
-        n = flat.shape[0]
         w = weight[: shard.valid]
-        stats = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(4)]
-        for begin in range(0, n, chunk_rows):
-            end = min(n, begin + chunk_rows)
-            z = _tempered(flat[begin:end] @ w.t(), temperature)
-            for out, value in zip(stats, _shard_statistics(z, flat_labels[begin:end], shard)):
-                out[begin:end] = value
-        lse, entropy, label_logit = _combine(*stats, group, world)
+        lse, entropy, label_logit = _log_softmax_statistics(
+            lambda b, e: _tempered(flat[b:e] @ w.t(), temperature, owned=True),
+            labels.reshape(-1), shard, group, chunk_rows,
+        )
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.group, ctx.world = group, world
         ctx.temperature, ctx.shard, ctx.chunk_rows = temperature, shard, chunk_rows
@@ -281,16 +287,15 @@ class _FusedVocabParallelLogprobsEntropy(torch.autograd.Function):
         for begin in range(0, flat.shape[0], ctx.chunk_rows):
             end = min(flat.shape[0], begin + ctx.chunk_rows)
             h = flat[begin:end]
-            z = _tempered(h @ w.t(), temperature)
-            gz = _grad_tempered_logits(
-                z, flat_labels[begin:end], lse[begin:end], entropy[begin:end],
-                g_lp[begin:end], g_ent[begin:end], shard,
-            )
-            if temperature != 1.0:
-                gz.div_(temperature)
-            gz = gz.to(hidden.dtype)
-            grad_hidden[begin:end] = gz @ w
-            grad_weight[: shard.valid] += gz.t() @ h
+            z = _tempered(h @ w.t(), temperature, owned=True)
+            gz = _grad_logits(
+                z, temperature, begin, end, flat_labels, lse, entropy, g_lp, g_ent, shard
+            ).to(hidden.dtype)
+            torch.mm(gz, w, out=grad_hidden[begin:end])
+            if gz.dtype == torch.float32:
+                grad_weight[: shard.valid].addmm_(gz.t(), h)  # no [V/TP, H] temporary
+            else:
+                grad_weight[: shard.valid] += gz.t() @ h
         if ctx.world > 1:
             # hidden is replicated over the tensor-parallel group and every shard's logits
             # depend on it: its gradient is the sum over shards (the backward of megatron's
@@ -325,7 +330,7 @@ def fused_vocab_parallel_logprobs_entropy(
         weight: this rank's shard of the output-layer weight, ``[V_padded / TP, H]``.
         labels: global token ids, ``hidden.shape[:-1]``.
         tp_group, temperature, vocab_size: as in :func:`vocab_parallel_logprobs_entropy`.
-        chunk_size: tokens per chunk (default: ~64 MiB of fp32 logits per chunk).
+        chunk_size: tokens per chunk (default: ~16 MiB of fp32 logits per chunk).
 
     Gradients flow to ``hidden`` (summed over the tensor-parallel group) and ``weight``.
     """

@@ -9,28 +9,12 @@ import pytest
 import torch
 
 from megatron_cegppo.testing.multiprocess import run_distributed
+from megatron_cegppo.testing.tiny import tiny_gpt_config
 
 pytestmark = pytest.mark.distributed
 
 PADDED_VOCAB, VOCAB, SEQ, MICRO, NUM_MICRO = 128, 100, 16, 2, 4
 LOSS_KWARGS = dict(eps_low=0.2, eps_high=0.2, beta1=0.5, beta2=1.0, clip_ratio_c=3.0)
-
-
-def tiny_config(tp=1, pp=1, vpp=None, sp=False):
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=96, kv_channels=16, normalization="RMSNorm", layernorm_epsilon=1e-6,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
-        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
-        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False,
-        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp, batch_p2p_comm=False,
-    )
 
 
 def make_batches():
@@ -80,12 +64,12 @@ def tp_shard(full, param, rank, world):
     return torch.cat(pieces[rank::world], dim=dim)
 
 
-def _setup(tp, pp, vpp, sp, share):
+def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.models import build_gpt_model_chunks
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat, disable_batched_p2p_on_gloo
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel(
@@ -94,7 +78,10 @@ def _setup(tp, pp, vpp, sp, share):
     )
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
-    config = tiny_config(tp, pp, vpp, sp)
+    config = tiny_gpt_config(tp, pp, vpp, sp)
+    if batch_p2p:  # requested, as a GPU config would; silently wrong on gloo unless disabled
+        config.batch_p2p_comm = True
+        disable_batched_p2p_on_gloo(config)
     chunks = build_gpt_model_chunks(
         config, vocab_size=PADDED_VOCAB, max_sequence_length=SEQ,
         share_embeddings_and_output_weights=share,
@@ -178,7 +165,8 @@ def reference_worker(rank, world, share):
 def layout_worker(rank, world, layout, state, share):
     from megatron.core import parallel_state
 
-    config, chunks = _setup(layout["tp"], layout["pp"], layout.get("vpp"), layout.get("sp", False), share)
+    config, chunks = _setup(layout["tp"], layout["pp"], layout.get("vpp"), layout.get("sp", False), share,
+                            layout.get("batch_p2p", False))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for name, param in global_named_params(chunks):
@@ -224,6 +212,7 @@ LAYOUTS = {
     "pp2": dict(tp=1, pp=2),
     "tp2pp2": dict(tp=2, pp=2),
     "pp2-interleaved": dict(tp=1, pp=2, vpp=2),
+    "pp2-interleaved-batch-p2p-requested": dict(tp=1, pp=2, vpp=2, batch_p2p=True),
     "tp2-sequence-parallel": dict(tp=2, pp=1, sp=True),
 }
 

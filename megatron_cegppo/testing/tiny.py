@@ -1,0 +1,40 @@
+"""A tiny Qwen2-shaped megatron-core configuration (RoPE, GQA, SwiGLU, RMSNorm, QKV bias) for
+the tests and the CPU demo."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def tiny_gpt_config(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    sequence_parallel: bool = False,
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_attention_heads: int = 4,
+    num_query_groups: int = 2,
+    ffn_hidden_size: int = 96,
+):
+    """fp32, no dropout, CPU-initialised (the full weight is built and then split, so the
+    weights do not depend on the layout), unbatched p2p (see cpu_compat)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups, ffn_hidden_size=ffn_hidden_size,
+        kv_channels=hidden_size // num_attention_heads, normalization="RMSNorm",
+        layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
+        batch_p2p_comm=False,
+    )
