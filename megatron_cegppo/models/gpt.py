@@ -60,3 +60,23 @@ def build_gpt_model_chunks(
             )
         )
     return chunks
+
+
+def build_gpt_from_hf(hf_config, *, tp: int, pp: int, vpp: Optional[int] = None,
+                      sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                      vocab_divisible_by: int = 128, **config_overrides):
+    """GPTModel chunks shaped like an HF Qwen2/Llama model, for this rank's stage(s).
+
+    Returns ``(arch, transformer_config, chunks, padded_vocab)``. Megatron's parallel state
+    must be initialised with the same ``tp``/``pp``/``vpp``."""
+    from megatron_cegppo.models.hf_config import HFArchitecture, padded_vocab_size, transformer_config_from_hf
+
+    arch = HFArchitecture.of(hf_config)
+    config = transformer_config_from_hf(arch, tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel,
+                                        params_dtype=params_dtype, **config_overrides)
+    padded = padded_vocab_size(arch.vocab_size, tp, vocab_divisible_by)
+    chunks = build_gpt_model_chunks(
+        config, vocab_size=padded, max_sequence_length=arch.max_position_embeddings,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings, rotary_base=arch.rope_theta,
+    )
+    return arch, config, chunks, padded

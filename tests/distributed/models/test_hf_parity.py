@@ -1,0 +1,102 @@
+"""Megatron GPTModels imported from HF Qwen2 / Llama folders compute HF transformers' logits
+(fp32, <= 1e-4) at TP1, TP2 and PP2, and exporting them back gives every HF tensor exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_cegppo.testing.multiprocess import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+MODELS = [("qwen2", False), ("llama", False), ("qwen2", True)]
+
+
+def save_tiny_hf(folder, model_type, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls_config, cls_model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "llama": (LlamaConfig, LlamaForCausalLM)}[model_type]
+    config = cls_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        num_hidden_layers=4, intermediate_size=96, vocab_size=100, rms_norm_eps=1e-6,
+                        max_position_embeddings=64, tie_word_embeddings=tied,
+                        rope_parameters={"rope_theta": 5000.0, "rope_type": "default"})
+    torch.manual_seed(1)
+    model = cls_model(config)
+    with torch.no_grad():  # random biases/norms so that a mis-mapped tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(folder)
+    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return tokens, logits, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def worker(rank, world, folders, tp, pp):
+    from megatron.core import parallel_state
+
+    from megatron_cegppo.models import build_gpt_from_hf, export_hf_weights, import_hf_weights, read_hf_config, read_hf_state
+    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    apply_cpu_compat()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(0)
+    out = {}
+    for key, (folder, tokens) in folders.items():
+        hf_config = read_hf_config(folder)
+        arch, config, chunks, padded = build_gpt_from_hf(hf_config, tp=tp, pp=pp)
+        import_hf_weights(chunks, read_hf_state(folder), arch, padded)
+        collected = []
+
+        def forward_step(data_iterator, model):
+            t = next(data_iterator)
+            output = model(t, torch.arange(t.shape[1]).expand_as(t), None)
+
+            def loss_func(logits):
+                collected.append(logits.detach())
+                return logits.sum() * 0, {}
+            return output, loss_func
+
+        with torch.no_grad():
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]),
+                                        model=chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
+                                        micro_batch_size=tokens.shape[0], forward_only=True)
+        logits = None
+        if collected:  # last stage: gather the vocabulary shards
+            shards = [torch.empty_like(collected[0]) for _ in range(tp)]
+            torch.distributed.all_gather(shards, collected[0], group=parallel_state.get_tensor_model_parallel_group())
+            logits = torch.cat(shards, dim=-1)[..., :arch.vocab_size]
+        exported = dict(export_hf_weights(chunks, arch, bucket_bytes=64 << 10))
+        out[key] = (logits, exported if rank == 0 else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    made = {}
+    for model_type, tied in MODELS:
+        folder = tmp_path_factory.mktemp(f"{model_type}{'_tied' if tied else ''}")
+        made[(model_type, tied)] = (str(folder), *save_tiny_hf(folder, model_type, tied))
+    return made
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_megatron_logits_equal_hf_and_export_is_exact(hf_models, tp, pp):
+    folders = {key: (folder, tokens) for key, (folder, tokens, _, _) in hf_models.items()}
+    ranks = run_distributed(worker, tp * pp, folders, tp, pp, timeout=300)
+    for key, (_, _, hf_logits, hf_state) in hf_models.items():
+        got = [r[key][0] for r in ranks if r[key][0] is not None]
+        assert got, "no rank returned logits"
+        for logits in got:
+            err = (logits - hf_logits).abs().max().item()
+            assert err <= 1e-4, f"{key} at TP{tp} PP{pp}: logits differ from HF by {err:.3g}"
+        exported = ranks[0][key][1]
+        expected = {k: v for k, v in hf_state.items() if not (key[1] and k == "lm_head.weight")}
+        assert set(exported) == set(expected), set(exported) ^ set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(exported[name], tensor), f"{key}: {name} differs after export"
