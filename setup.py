@@ -41,7 +41,10 @@ setup(
         "pyyaml",
         "psutil",  # megatron-core's dist-checkpoint writers need it but do not declare it
         "safetensors",
+        "matplotlib",  # run plots (tracking/plots.py)
+        "tensorboard",  # TensorBoard event files (tracking/metrics.py)
     ],
     extras_require={"cpu": CPU, "gpu": GPU, "dev": DEV},
+    entry_points={"console_scripts": ["megatron-cegppo=megatron_cegppo.cli:main"]},
     license="Apache-2.0",
 )

@@ -1,0 +1,109 @@
+"""The typed configuration of a training run. Every default lives here, once.
+
+Imports nothing heavy: a config is loaded and validated before torch/megatron/vLLM start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF folder: config.json, safetensors weights, tokenizer
+    dtype: str = "float32"  # float32 (CPU) | bfloat16 (GPU, fp32 master weights)
+    logprob_impl: str = "fused"  # fused | logits (see parallel.vocab_parallel)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    sequence_parallel: bool = False
+    # data parallel = world size / (tensor * pipeline)
+
+
+@dataclass
+class RolloutConfig:
+    tensor_parallel: int = 1  # vLLM's TP, independent of training TP
+    n: int = 8  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: list = field(default_factory=list)
+    max_model_len: int = 1024
+    kv_cache_bytes: int = 256 << 20  # CPU engines
+    gpu_memory_utilization: float = 0.5  # GPU engines
+    weight_bucket_bytes: int = 256 << 20
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    use_chat_template: Optional[bool] = None  # None: when the tokenizer has one
+    shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    name: str = "math"  # a registered reward: math | arithmetic | your own
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: str = "cegppo"  # cegppo | ppo | cispo | gspo
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta1: float = 0.5
+    beta2: float = 1.0
+    clip_ratio_c: float = 10.0
+    loss_agg_mode: str = "token-mean"
+    normalize_advantage_std: bool = True  # GRPO; False: Dr. GRPO
+    dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal
+    max_sampling_rounds: int = 3
+    prompts_per_step: int = 32
+    minibatches: int = 2  # optimizer steps per training step (per epoch)
+    epochs: int = 1
+    micro_batch_size: int = 8  # sequences per micro-batch per data-parallel rank
+    entropy_coeff: float = 0.0
+    kl_coeff: float = 0.0  # reference-model KL (off in the paper)
+    tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end and on a stop signal
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

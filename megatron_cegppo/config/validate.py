@@ -1,0 +1,71 @@
+"""Up-front checks of a :class:`Config`: every problem named, before any heavy import."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_cegppo.config.loader import ConfigError
+from megatron_cegppo.config.schema import Config
+
+_LOSSES = ("cegppo", "ppo", "cispo", "gspo")
+_AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+    """Every problem found (empty: valid)."""
+    out = []
+    p, a, r, o, t = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.optim, cfg.trainer
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            out.append(message)
+
+    need(bool(cfg.model.path), "model.path: the HF folder of the starting weights is required")
+    need(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    need(cfg.model.logprob_impl in ("fused", "logits"), f"model.logprob_impl must be fused or logits, got {cfg.model.logprob_impl!r}")
+    need(bool(cfg.data.train_path), "data.train_path: a JSONL or parquet file of prompts is required")
+    for name in ("tensor", "pipeline"):
+        need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
+    need(p.virtual_pipeline is None or (p.virtual_pipeline >= 2 and p.pipeline >= 2),
+         "parallel.virtual_pipeline needs parallel.pipeline >= 2 and is >= 2 when set")
+    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+    if world_size is not None and p.tensor >= 1 and p.pipeline >= 1:
+        need(world_size % (p.tensor * p.pipeline) == 0,
+             f"world size {world_size} is not a multiple of tensor x pipeline = {p.tensor * p.pipeline}")
+        need(world_size % r.tensor_parallel == 0,
+             f"world size {world_size} is not a multiple of rollout.tensor_parallel = {r.tensor_parallel}")
+    need(r.n >= 2 or not a.dynamic_sampling, "rollout.n must be >= 2 for group advantages")
+    need(r.n >= 1, "rollout.n must be >= 1")
+    need(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
+    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    need(r.max_tokens >= 1 and r.max_model_len > r.max_tokens, "rollout.max_model_len must exceed rollout.max_tokens >= 1")
+    need(a.loss in _LOSSES, f"algorithm.loss {a.loss!r} is not one of {list(_LOSSES)}")
+    need(a.loss_agg_mode in _AGG, f"algorithm.loss_agg_mode {a.loss_agg_mode!r} is not one of {list(_AGG)}")
+    need(a.beta1 >= 0 and a.beta2 >= 0, f"algorithm.beta1/beta2 must be >= 0, got {a.beta1}/{a.beta2}")
+    need(a.clip_ratio_c > 1, f"algorithm.clip_ratio_c must be > 1, got {a.clip_ratio_c}")
+    need(0 <= a.eps_low < 1 and a.eps_high >= 0, "algorithm.eps_low must be in [0, 1) and eps_high >= 0")
+    need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap must be > 0 when set")
+    need(a.prompts_per_step >= 1 and a.minibatches >= 1 and a.epochs >= 1 and a.micro_batch_size >= 1,
+         "algorithm.prompts_per_step, minibatches, epochs and micro_batch_size must be >= 1")
+    need(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds must be >= 1")
+    need(a.prompts_per_step % a.minibatches == 0,
+         f"algorithm.prompts_per_step {a.prompts_per_step} must divide into {a.minibatches} mini-batches")
+    if world_size is not None and p.tensor * p.pipeline >= 1 and world_size % (p.tensor * p.pipeline) == 0:
+        dp = world_size // (p.tensor * p.pipeline)
+        per_rank = a.prompts_per_step * r.n // a.minibatches
+        need(per_rank % dp == 0 and (per_rank // dp) % a.micro_batch_size == 0,
+             f"a mini-batch of {per_rank} sequences must split over {dp} data-parallel rank(s) into "
+             f"micro-batches of algorithm.micro_batch_size={a.micro_batch_size}")
+    need(o.lr > 0 and o.min_lr >= 0, "optim.lr must be > 0 and optim.min_lr >= 0")
+    need(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got {o.schedule!r}")
+    need(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
+    need(t.steps >= 1, "trainer.steps must be >= 1")
+    need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+    return out
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
+    found = problems(cfg, world_size)
+    if found:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+    return cfg

@@ -1,0 +1,34 @@
+"""Accuracy avg@k of a model on a prompt file: k samples per prompt with vLLM, each scored
+with the config's reward (math-verify for math data), averaged."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_cegppo.config import Config
+
+
+def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
+    from transformers import AutoTokenizer
+
+    from megatron_cegppo.data.prompts import apply_chat_template, load_prompts
+    from megatron_cegppo.rewards.registry import compute_rewards
+    from megatron_cegppo.rollout import EngineConfig, RolloutEngine, SamplingConfig
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    records = load_prompts(data_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+    prompts = []
+    for rec in records:
+        text = apply_chat_template(tokenizer, rec["prompt"], cfg.data.use_chat_template)
+        prompts.append(tokenizer.encode(text, add_special_tokens=text == rec["prompt"]))
+    r = cfg.rollout
+    engine = RolloutEngine(cfg.model.path, EngineConfig(
+        tensor_parallel_size=1, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+        kv_cache_bytes=r.kv_cache_bytes, gpu_memory_utilization=r.gpu_memory_utilization), seed=cfg.trainer.seed)
+    sampling = SamplingConfig(n=k, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=tuple(r.stop))
+    completions = engine.generate(prompts, sampling, seeds=[cfg.trainer.seed + i for i in range(len(prompts))])
+    answers = [records[c.prompt_index]["answer"] for c in completions]
+    rewards = compute_rewards(cfg.reward.name, [c.text for c in completions], answers)
+    return {"accuracy": float(np.mean(rewards)), "prompts": len(records), "k": k}

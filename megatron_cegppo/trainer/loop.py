@@ -1,0 +1,256 @@
+"""The CE-GPPO training loop: generate with vLLM, score, compute advantages, recompute the
+old log-probs with Megatron, update on mini-batches, push the weights back into vLLM."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_cegppo.algorithms.advantages import grpo_advantages
+from megatron_cegppo.config import Config, to_dict
+from megatron_cegppo.trainer.distributed import Layout, init_distributed
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from transformers import AutoTokenizer
+
+        from megatron_cegppo.data.prompts import apply_chat_template, load_prompts
+        from megatron_cegppo.data.sampler import ShuffledSampler
+        from megatron_cegppo.rollout import EngineConfig, RolloutEngine, SamplingConfig
+        from megatron_cegppo.trainer.rollout_phase import RolloutPhase
+
+        self.cfg = cfg
+        self.layout: Layout = init_distributed(cfg)
+        self.reporting = self.layout.rank == 0
+        _seed_everything(cfg.trainer.seed)
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        records = load_prompts(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+        for rec in records:
+            text = apply_chat_template(tokenizer, rec["prompt"], cfg.data.use_chat_template)
+            templated = text != rec["prompt"]
+            rec["token_ids"] = tokenizer.encode(text, add_special_tokens=not templated)
+        self.prompts = records
+        self.sampler = ShuffledSampler(len(records), seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
+
+        r = cfg.rollout
+        # The engine first: vLLM reseeds the global RNG; megatron's RNG is seeded after it.
+        self.engine = RolloutEngine(
+            cfg.model.path,
+            EngineConfig(tensor_parallel_size=r.tensor_parallel, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+                         kv_cache_bytes=r.kv_cache_bytes, gpu_memory_utilization=r.gpu_memory_utilization),
+            seed=cfg.trainer.seed,
+        )
+        self.sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                                       stop=tuple(r.stop))
+        self.rollout = RolloutPhase(self.engine, self.layout, records, reward=cfg.reward.name,
+                                    sampling=self.sampling, seed=cfg.trainer.seed)
+        self._build_model()
+        self.optimizer_steps = 0
+
+    def _build_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config, read_hf_state
+        from megatron_cegppo.parallel.cpu_compat import disable_batched_p2p_on_gloo
+        from megatron_cegppo.parallel.pipeline_loss import PolicyLossSpec
+        from megatron_cegppo.trainer.optim import build_optimizer
+
+        cfg = self.cfg
+        model_parallel_cuda_manual_seed(cfg.trainer.seed)
+        bf16 = cfg.model.dtype == "bfloat16"
+        p = cfg.parallel
+        self.arch, self.tconfig, chunks, padded = build_gpt_from_hf(
+            read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
+            sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
+        import_hf_weights(chunks, read_hf_state(cfg.model.path), self.arch, padded)
+        disable_batched_p2p_on_gloo(self.tconfig)
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=torch.cuda.is_available())
+        self.model = [DistributedDataParallel(self.tconfig, ddp_config, c) for c in chunks]
+        self.optimizer = build_optimizer(cfg.optim, self.model, bf16=bf16)
+        a = cfg.algorithm
+        kwargs = {"cegppo": dict(eps_low=a.eps_low, eps_high=a.eps_high, beta1=a.beta1, beta2=a.beta2,
+                                 clip_ratio_c=a.clip_ratio_c),
+                  "ppo": dict(eps_low=a.eps_low, eps_high=a.eps_high, clip_ratio_c=a.clip_ratio_c),
+                  "cispo": dict(eps_high=a.eps_high), "gspo": {}}[a.loss]
+        self.spec = PolicyLossSpec(loss=a.loss, loss_kwargs=kwargs, loss_agg_mode=a.loss_agg_mode,
+                                   temperature=cfg.rollout.temperature, vocab_size=self.arch.vocab_size,
+                                   logprob_impl=cfg.model.logprob_impl, entropy_coeff=a.entropy_coeff)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _schedule(self, forward_step, microbatches, seq_len, forward_only=False):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        model = self.model if len(self.model) > 1 else self.model[0]
+        data = [iter(microbatches) for _ in self.model] if len(self.model) > 1 else iter(microbatches)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data, model=model,
+            num_microbatches=len(microbatches), seq_length=seq_len,
+            micro_batch_size=microbatches[0]["input_ids"].shape[0], forward_only=forward_only,
+        )
+
+    def _my_rows(self, total: int) -> list[list[int]]:
+        """This data-parallel rank's rows of each mini-batch."""
+        L, mbs = self.layout, self.cfg.algorithm.minibatches
+        per_mb = total // mbs
+        per_rank = per_mb // L.dp
+        return [list(range(m * per_mb + L.dp_rank * per_rank, m * per_mb + (L.dp_rank + 1) * per_rank))
+                for m in range(mbs)]
+
+    def train_step(self, step: int, timer) -> dict:
+        from megatron_cegppo.parallel.pipeline_loss import (
+            make_logprob_forward_step, make_policy_forward_step, minibatch_loss_normalizer, reduce_microbatch_metrics,
+        )
+        from megatron_cegppo.rollout.batch import build_token_batch
+        from megatron_cegppo.rollout.mismatch import logprob_mismatch, truncated_importance_weights
+        from megatron_cegppo.rollout.weight_sync import push_megatron_weights
+        from megatron_cegppo.trainer.optim import clip_grad_norm_, learning_rate, set_learning_rate
+
+        cfg, a, L = self.cfg, self.cfg.algorithm, self.layout
+        n = self.sampling.n
+        with timer.phase("generate"):
+            groups, seen_rewards, sampling_stats = self.rollout.collect(
+                self.sampler, step=step, num_prompts=a.prompts_per_step, dynamic=a.dynamic_sampling,
+                max_rounds=a.max_sampling_rounds)
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        advantages = grpo_advantages(rewards, n, normalize_std=a.normalize_advantage_std)
+        completions = [c for g in groups for c in g.completions]
+        prompts = {g.prompt_index: g.prompt_ids for g in groups}
+        longest = max(len(prompts[c.prompt_index]) + len(c.token_ids) for c in completions) - 1
+        multiple = 8 * L.tp
+        seq_len = -(-longest // multiple) * multiple
+
+        with timer.phase("old_log_prob"):
+            minibatches = []
+            for rows in self._my_rows(len(completions)):
+                mb = build_token_batch(prompts, [completions[i] for i in rows], pad_id=self.pad_id, seq_len=seq_len)
+                mb["advantages"] = advantages[rows].unsqueeze(1).expand(-1, seq_len).contiguous()
+                micro = [{k: v[i:i + a.micro_batch_size] for k, v in mb.items()}
+                         for i in range(0, len(rows), a.micro_batch_size)]
+                with torch.no_grad():
+                    out = self._schedule(make_logprob_forward_step(self.spec), micro, seq_len, forward_only=True)
+                for m, o in zip(micro, out or [{}] * len(micro)):
+                    m["old_log_prob"] = o.get("log_prob", torch.zeros_like(m["loss_mask"]))
+                minibatches.append(micro)
+            mismatch = {}
+            if L.is_last_stage:
+                cat = {k: torch.cat([m[k] for mb in minibatches for m in mb]) for k in
+                       ("rollout_log_prob", "old_log_prob", "loss_mask")}
+                mismatch = logprob_mismatch(cat["rollout_log_prob"], cat["old_log_prob"], cat["loss_mask"])
+                if a.tis_cap is not None:
+                    for mb in minibatches:
+                        for m in mb:
+                            m["advantages"] = m["advantages"] * truncated_importance_weights(
+                                m["old_log_prob"], m["rollout_log_prob"], a.tis_cap)
+
+        stores, grad_norms = [], []
+        with timer.phase("train"):
+            for _ in range(a.epochs):
+                for micro in minibatches:
+                    norm = minibatch_loss_normalizer([m["loss_mask"] for m in micro], a.loss_agg_mode, L.dp_group)
+                    for m in micro:
+                        m["loss_normalizer"] = norm
+                    set_learning_rate(self.optimizer, learning_rate(cfg.optim, self.optimizer_steps,
+                                                                    cfg.trainer.steps * a.minibatches * a.epochs))
+                    forward_step = make_policy_forward_step(self.spec, num_microbatches=len(micro), dp_world_size=L.dp)
+                    stores.extend(self._schedule(forward_step, micro, seq_len) or [])
+                    if not torch.cuda.is_available():
+                        grad_norms.append(clip_grad_norm_(self.model, cfg.optim.grad_clip))
+                    _, gpu_norm, _ = self.optimizer.step()
+                    if gpu_norm is not None:
+                        grad_norms.append(float(gpu_norm))
+                    for chunk in self.model:
+                        chunk.zero_grad_buffer()
+                    self.optimizer.zero_grad()
+                    self.optimizer_steps += 1
+
+        with timer.phase("weight_sync"):
+            push_megatron_weights(self.engine, self.model, self.arch, bucket_bytes=cfg.rollout.weight_bucket_bytes)
+
+        local = dict(reduce_microbatch_metrics(stores)) if stores else {}
+        local.update(mismatch)
+        lengths = [len(c.token_ids) for c in completions]
+        metrics = {
+            "reward_mean": float(np.mean(seen_rewards)),
+            "reward_mean_trained": float(rewards.mean()),
+            "response_length_mean": float(np.mean(lengths)),
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": sum(lengths) + sum(len(prompts[c.prompt_index]) for c in completions),
+            **sampling_stats,
+        }
+        return self._merge_across_ranks(local, metrics)
+
+    def _merge_across_ranks(self, local: dict, common: dict) -> dict:
+        """Metrics only the last pipeline stage has, averaged over the ranks that have them."""
+        parts = [local]
+        if dist.is_initialized() and self.layout.world > 1:
+            parts = [None] * self.layout.world
+            dist.all_gather_object(parts, local)
+        merged = dict(common)
+        for key in sorted({k for p in parts for k in p}):
+            values = [p[key] for p in parts if key in p]
+            merged[key] = max(values) if key.endswith("_max") else float(np.mean(values))
+        return merged
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        from megatron_cegppo.tracking.metrics import MetricsWriter
+        from megatron_cegppo.tracking.plots import plot_run
+        from megatron_cegppo.tracking.progress import PhaseTimer, progress
+        from megatron_cegppo.tracking.run_dir import prepare_run_dir
+
+        cfg = self.cfg
+        run_dir = cfg.trainer.run_dir
+        if self.reporting:
+            prepare_run_dir(run_dir, to_dict(cfg), allow_config_change=True)
+        if dist.is_initialized():
+            dist.barrier()
+        writer = MetricsWriter(run_dir, enabled=self.reporting)
+        timer = PhaseTimer()
+        history = []
+        bar = progress(cfg.trainer.steps, desc="CE-GPPO steps", enabled=self.reporting)
+        try:
+            for step in range(cfg.trainer.steps):
+                timer.reset()
+                start = time.perf_counter()
+                metrics = self.train_step(step, timer)
+                elapsed = time.perf_counter() - start
+                metrics.update(timer.summary())
+                metrics["time/step"] = elapsed
+                metrics["tokens_per_second"] = metrics.pop("tokens") / elapsed
+                history.append(metrics)
+                if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps - 1:
+                    writer.log(step, metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics.get('entropy', 0):.3f}")
+        finally:
+            bar.close()
+            writer.close()
+        if self.reporting:
+            plot_run(run_dir)
+        return history
+
+
+def train(cfg: Config) -> Optional[list[dict]]:
+    return Trainer(cfg).fit()

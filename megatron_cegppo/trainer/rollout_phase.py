@@ -1,0 +1,96 @@
+"""One step's generation: prompts spread over the vLLM engines, rewards, DAPO dynamic
+sampling, and the groups gathered on every rank."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_cegppo.algorithms.dynamic_sampling import DynamicSampler
+from megatron_cegppo.rewards.registry import compute_rewards
+from megatron_cegppo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+
+@dataclass
+class Group:
+    """One prompt and its sampled responses."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float]
+    texts: list[str] = field(default_factory=list)
+
+
+def request_seed(seed: int, step: int, round_: int, prompt_index: int) -> int:
+    """The same on every rank (engines of one rollout-TP group must sample alike) and new
+    for every step, round and prompt."""
+    return zlib.crc32(f"{seed}/{step}/{round_}/{prompt_index}".encode()) & 0x7FFFFFFF
+
+
+class RolloutPhase:
+    def __init__(self, engine: RolloutEngine, layout, prompts: Sequence[dict], *, reward: str,
+                 sampling: SamplingConfig, seed: int):
+        self.engine, self.layout, self.prompts = engine, layout, prompts
+        self.reward, self.sampling, self.seed = reward, sampling, seed
+
+    def _generate(self, indices: list[int], step: int, round_: int) -> list[Group]:
+        """Generates for the prompts of this rank's engine; returns every engine's groups,
+        in the order of ``indices``, on every rank."""
+        L = self.layout
+        mine = indices[L.rollout_group::L.rollout_groups]
+        completions = self.engine.generate(
+            [self.prompts[i]["token_ids"] for i in mine], self.sampling,
+            [request_seed(self.seed, step, round_, i) for i in mine],
+        ) if mine else []
+        groups = []
+        for pos, index in enumerate(mine):
+            cs = [c for c in completions if c.prompt_index == pos]
+            for c in cs:
+                c.prompt_index = index
+            texts = [c.text for c in cs]
+            rewards = compute_rewards(self.reward, texts, [self.prompts[index]["answer"]] * len(cs))
+            groups.append(Group(index, list(self.prompts[index]["token_ids"]), cs, rewards, texts))
+        gathered = [groups]
+        if dist.is_initialized() and L.world > 1:
+            gathered = [None] * L.world
+            dist.all_gather_object(gathered, groups if L.rollout_leader else [])
+        by_index = {g.prompt_index: g for part in gathered for g in part}
+        return [by_index[i] for i in indices]
+
+    def collect(self, sampler, *, step: int, num_prompts: int, dynamic: bool, max_rounds: int):
+        """``num_prompts`` groups for training, the rewards of every response sampled, and
+        sampling statistics. With dynamic sampling,
+        groups whose rewards are all equal are replaced by new prompts for up to
+        ``max_rounds`` rounds; a batch still short then is filled with such groups (they add
+        no gradient: their advantages are 0)."""
+        seen: list[float] = []  # every sampled response's reward: the policy's accuracy
+        if not dynamic:
+            groups = self._generate(sampler.next_batch(num_prompts), step, 0)
+            seen = [r for g in groups for r in g.rewards]
+            return groups, seen, {"sampling/rounds": 1, "sampling/kept_frac": 1.0}
+        dropped: list[Group] = []
+        rounds = [0]
+
+        def generate(n: int):
+            groups = self._generate(sampler.next_batch(n), step, rounds[0])
+            rounds[0] += 1
+            seen.extend(r for g in groups for r in g.rewards)
+            for g in groups:
+                if len(set(g.rewards)) == 1:
+                    dropped.append(g)
+            return groups, torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+
+        result = DynamicSampler(generate, target_groups=num_prompts, group_size=self.sampling.n,
+                                max_rounds=max_rounds).sample()
+        groups = list(result.records) + dropped[: result.shortfall]
+        stats = {
+            "sampling/rounds": result.rounds,
+            "sampling/kept_frac": result.kept_groups / max(1, result.generated_groups),
+            "sampling/filled_groups": result.shortfall,
+        }
+        return groups, seen, stats
