@@ -25,6 +25,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-6" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is bool and isinstance(value, bool):

@@ -57,6 +57,7 @@ class EngineConfig:
 class RolloutEngine:
     def __init__(self, model_path: str, config: EngineConfig, *, seed: int = 0, skip_tokenizer_init: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             share_run_id()

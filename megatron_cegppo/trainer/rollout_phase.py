@@ -47,10 +47,12 @@ class RolloutPhase:
             [self.prompts[i]["token_ids"] for i in mine], self.sampling,
             [request_seed(self.seed, step, round_, i) for i in mine],
         ) if mine else []
+        by_position: list[list[Completion]] = [[] for _ in mine]
+        for c in completions:
+            by_position[c.prompt_index].append(c)
         groups = []
-        for pos, index in enumerate(mine):
-            cs = [c for c in completions if c.prompt_index == pos]
-            for c in cs:
+        for index, cs in zip(mine, by_position):
+            for c in cs:  # engine-local position -> index into the prompt list
                 c.prompt_index = index
             texts = [c.text for c in cs]
             rewards = compute_rewards(self.reward, texts, [self.prompts[index]["answer"]] * len(cs))

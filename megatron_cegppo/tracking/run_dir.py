@@ -1,0 +1,133 @@
+"""Run directory: the resolved config that a run was started with, written once.
+
+A run directory is reused when a run resumes from a checkpoint. Resuming with a different
+config silently mixes two experiments in one metrics file, so a config change is refused
+unless asked for explicitly; the old config is then kept next to the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_NAME = "config.yaml"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` so that readers see either the old or the new file.
+
+    The temporary file lives in the same directory, since os.replace is only atomic
+    within one filesystem.
+    """
+    path = Path(path)
+    # mkstemp creates the file as 0600; keep the mode of the file being replaced instead.
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform/filesystem allows it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _dump(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, each with both values (for the error message)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            name = f"{prefix}{key}"
+            if key not in new:
+                out.append(f"{name}: {old[key]!r} -> <missing>")
+            elif key not in old:
+                out.append(f"{name}: <missing> -> {new[key]!r}")
+            else:
+                out.extend(_diff(old[key], new[key], f"{name}."))
+        return out
+    if old != new:
+        return [f"{prefix.rstrip('.') or '<root>'}: {old!r} -> {new!r}"]
+    return []
+
+
+def _backup_name(directory: Path) -> Path:
+    # Microseconds keep names unique and in chronological order when sorted.
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    candidate = directory / f"config.{stamp}.yaml"
+    n = 1
+    while candidate.exists():  # clock went backwards or is very coarse
+        candidate = directory / f"config.{stamp}-{n}.yaml"
+        n += 1
+    return candidate
+
+
+def prepare_run_dir(
+    path: str | os.PathLike, resolved_config: dict, *, allow_config_change: bool = False
+) -> Path:
+    """Create the run directory and record ``resolved_config`` as ``config.yaml``.
+
+    If the directory already holds a config.yaml with different content this raises
+    ValueError (naming the existing file and the differing keys, old -> new), unless
+    ``allow_config_change`` is set: then the old file is kept as ``config.<timestamp>.yaml``
+    and the new config replaces it. An identical config is left untouched.
+    """
+    if not isinstance(resolved_config, dict):
+        raise TypeError(f"resolved_config must be a dict, got {type(resolved_config).__name__}")
+    run_dir = Path(path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CONFIG_NAME
+    text = _dump(resolved_config)
+
+    if config_path.exists():
+        old_text = config_path.read_text(encoding="utf-8")
+        old = yaml.safe_load(old_text)
+        # Compare as loaded data, so key order and formatting do not count as changes.
+        new = yaml.safe_load(text)
+        if old == new:
+            return run_dir
+        if not allow_config_change:
+            changes = "\n  ".join(_diff(old, new)) or "(content differs)"
+            raise ValueError(
+                f"run directory {run_dir} already holds {config_path} which differs from the "
+                f"given config (existing -> given):\n  {changes}\n"
+                "Use a new run directory, or pass allow_config_change=True to keep the old "
+                "config as config.<timestamp>.yaml and continue with the new one."
+            )
+        atomic_write_text(_backup_name(run_dir), old_text)
+
+    atomic_write_text(config_path, text)
+    return run_dir
