@@ -43,6 +43,7 @@ setup(
         "safetensors",
         "matplotlib",  # run plots (tracking/plots.py)
         "tensorboard",  # TensorBoard event files (tracking/metrics.py)
+        "pyarrow",  # .parquet prompt datasets (data/prompts.py)
     ],
     extras_require={"cpu": CPU, "gpu": GPU, "dev": DEV},
     entry_points={"console_scripts": ["megatron-cegppo=megatron_cegppo.cli:main"]},

@@ -1,0 +1,52 @@
+"""The demo task: integer arithmetic prompts ("37+45=") with an exact-match reward, cheap
+enough to train and score on CPU."""
+
+from __future__ import annotations
+
+import operator
+import random
+from typing import Dict, List, Sequence
+
+from .math_verify_reward import extract_boxed
+
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+class ArithmeticTask:
+    """Seeded stream of ``a<op>b=`` problems with ``digits``-digit operands."""
+
+    def __init__(self, seed: int, digits: int = 2, ops: Sequence[str] = ("+",)) -> None:
+        if not isinstance(digits, int) or digits < 1:
+            raise ValueError(f"digits must be a positive int, got {digits!r}")
+        ops = tuple(ops)
+        unknown = [op for op in ops if op not in _OPS]
+        if not ops or unknown:
+            raise ValueError(f"ops must be a non-empty subset of {sorted(_OPS)}, got {ops!r}")
+        self.digits, self.ops = digits, ops
+        # Single-digit operands include 0; wider ones have no leading zero.
+        self._low = 0 if digits == 1 else 10 ** (digits - 1)
+        self._high = 10 ** digits - 1
+        self._rng = random.Random(seed)
+
+    def sample(self) -> Dict[str, str]:
+        a = self._rng.randint(self._low, self._high)
+        b = self._rng.randint(self._low, self._high)
+        op = self._rng.choice(self.ops)
+        return {"prompt": f"{a}{op}{b}=", "answer": str(_OPS[op](a, b))}
+
+
+def make_arithmetic_dataset(
+    n: int, seed: int, digits: int = 2, ops: Sequence[str] = ("+",)
+) -> List[Dict[str, str]]:
+    """``n`` problems, identical for identical arguments."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    task = ArithmeticTask(seed, digits=digits, ops=ops)
+    return [task.sample() for _ in range(n)]
+
+
+def arithmetic_reward(response: str, answer: str) -> float:
+    """1.0 when the first ``\\boxed{...}`` of ``response`` is exactly ``answer`` (both
+    stripped), else 0.0. No sympy: string comparison only."""
+    got = extract_boxed(response, "first")
+    return 1.0 if got is not None and got.strip() == str(answer).strip() else 0.0
