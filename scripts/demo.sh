@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Sets up the environment (scripts/install.sh) and runs the CPU demo: CE-GPPO updates of a
-# tiny GPTModel at TP=2 x PP=2 (4 processes, gloo). Extra arguments go to launch/loss_demo.py.
+# Sets up the environment (scripts/install.sh) and runs the CPU demo: CE-GPPO training of a
+# tiny Qwen2-shaped model on 2-digit addition, 2 processes (training TP=2, one vLLM engine per
+# process). The first run also makes the starting checkpoint (a ~30 s supervised warm-up) and
+# the prompt file. Extra arguments are config overrides, e.g. `trainer.seed=1`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/install.sh
 VENV="${CEGPPO_VENV:-$ROOT/.venv}"
-exec "$VENV/bin/torchrun" --nproc-per-node 4 launch/loss_demo.py --tp 2 --pp 2 "$@"
+"$VENV/bin/python" -m megatron_cegppo.demo.prepare
+exec "$VENV/bin/torchrun" --nproc-per-node 2 -m megatron_cegppo.cli train --config configs/tiny_cpu.yaml "$@"

@@ -131,6 +131,7 @@ class Trainer:
             groups, seen_rewards, sampling_stats = self.rollout.collect(
                 self.sampler, step=step, num_prompts=a.prompts_per_step, dynamic=a.dynamic_sampling,
                 max_rounds=a.max_sampling_rounds)
+            self.engine.sleep()  # GPU: frees vLLM's memory for training; a no-op on the CPU
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = grpo_advantages(rewards, n, normalize_std=a.normalize_advantage_std)
         completions = [c for g in groups for c in g.completions]

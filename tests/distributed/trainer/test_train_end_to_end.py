@@ -10,9 +10,17 @@ import math
 import pytest
 import torch
 
+from megatron_cegppo.rewards.registry import register_reward
 from megatron_cegppo.testing.multiprocess import run_distributed
 
 pytestmark = pytest.mark.distributed
+
+
+@register_reward("test_contains_5")
+def contains_5(response: str, answer: str) -> float:
+    """An untrained model's random responses get mixed rewards: a learning signal (and a
+    user-registered reward on the way)."""
+    return float("5" in response)
 
 
 def make_model(folder):
@@ -50,7 +58,8 @@ def test_short_training_run(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [f"model.path={model}", f"data.train_path={tmp_path / 'prompts.jsonl'}",
                  f"trainer.run_dir={run_dir}", "trainer.steps=3", "algorithm.prompts_per_step=8",
-                 "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1"]
+                 "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
+                 "reward.name=test_contains_5"]
     ranks = run_distributed(worker, 2, overrides, timeout=600)
     history, final = ranks[0]
     assert len(history) == 3
