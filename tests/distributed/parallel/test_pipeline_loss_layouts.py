@@ -5,9 +5,13 @@ weights, and the TP1/PP1 run equals a plain dense autograd computation."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from megatron_cegppo.models.sharding import global_named_parameters as global_named_params
+from megatron_cegppo.models.sharding import tp_shard
 from megatron_cegppo.testing.multiprocess import run_distributed
 from megatron_cegppo.testing.tiny import tiny_gpt_config
 
@@ -39,29 +43,6 @@ def make_batches():
             old_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
         ))
     return batches
-
-
-def global_named_params(chunks):
-    """(name at TP1/PP1, parameter) for this rank's chunks: layer indices made global."""
-    for chunk in chunks:
-        for name, param in chunk.named_parameters():
-            parts = name.split(".")
-            if parts[:2] == ["decoder", "layers"]:
-                parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
-            elif name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
-                # the last stage's copy of the tied embedding (pipeline-parallel only)
-                parts = ["embedding", "word_embeddings", "weight"]
-            yield ".".join(parts), param
-
-
-def tp_shard(full, param, rank, world):
-    """The slice of a TP1 tensor that this rank holds (megatron's split: pieces of
-    size per_partition / stride along partition_dim, rank r takes pieces r, r + world, ...)."""
-    if not getattr(param, "tensor_model_parallel", False) or world == 1:
-        return full
-    dim, stride = param.partition_dim, param.partition_stride
-    pieces = torch.split(full, full.shape[dim] // (world * stride), dim=dim)
-    return torch.cat(pieces[rank::world], dim=dim)
 
 
 def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
@@ -247,10 +228,9 @@ def test_layout_matches_tp1_pp1(layout_name, share):
             stores, grads, meta = r["runs"][run]
             for name, g in grads.items():
                 dim, stride = meta[name]
-                ref = ref_grads[name]
-                if dim is not False and r["tp"] > 1:
-                    pieces = torch.split(ref, ref.shape[dim] // (r["tp"] * stride), dim=dim)
-                    ref = torch.cat(pieces[r["tp_rank"]::r["tp"]], dim=dim)
+                layout_of = SimpleNamespace(tensor_model_parallel=dim is not False, partition_dim=dim,
+                                            partition_stride=stride)
+                ref = tp_shard(ref_grads[name], layout_of, r["tp_rank"], r["tp"])
                 torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4,
                                            msg=lambda m, n=name: f"{layout_name} {run} {n}: {m}")
                 seen.add(name)
