@@ -31,4 +31,5 @@ def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
     completions = engine.generate(prompts, sampling, seeds=[cfg.trainer.seed + i for i in range(len(prompts))])
     answers = [records[c.prompt_index]["answer"] for c in completions]
     rewards = compute_rewards(cfg.reward.name, [c.text for c in completions], answers)
-    return {"accuracy": float(np.mean(rewards)), "prompts": len(records), "k": k}
+    return {"accuracy": float(np.mean(rewards)), "prompts": len(records), "k": k,
+            "responses": [c.text for c in completions], "rewards": rewards}
