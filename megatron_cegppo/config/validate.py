@@ -45,7 +45,7 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     need(a.clip_ratio_c > 1, f"algorithm.clip_ratio_c must be > 1, got {a.clip_ratio_c}")
     need(0 <= a.eps_low < 1 and a.eps_high >= 0, "algorithm.eps_low must be in [0, 1) and eps_high >= 0")
     need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap must be > 0 when set")
-    need(a.kl_coeff == 0, "algorithm.kl_coeff > 0 (a reference-model KL term) is not supported yet")
+    need(a.kl_coeff >= 0 and a.entropy_coeff >= 0, "algorithm.kl_coeff and entropy_coeff must be >= 0")
     need(a.prompts_per_step >= 1 and a.minibatches >= 1 and a.epochs >= 1 and a.micro_batch_size >= 1,
          "algorithm.prompts_per_step, minibatches, epochs and micro_batch_size must be >= 1")
     need(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds must be >= 1")

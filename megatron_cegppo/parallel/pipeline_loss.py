@@ -17,7 +17,8 @@ by ``num_microbatches * dp_world_size`` to undo both.
 Micro-batch fields (``[micro_batch, seq]`` tensors, label-aligned: position ``t`` scores
 ``labels[:, t]``, the token after ``input_ids[:, t]``): ``input_ids``, ``position_ids``,
 ``labels``, ``loss_mask`` (1 on response tokens), ``old_log_prob``, ``advantages``,
-``loss_normalizer`` (0-dim), and optionally ``attention_mask``.
+``loss_normalizer`` (0-dim), and optionally ``attention_mask`` and ``ref_log_prob`` (for a
+reference-model KL term).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class PolicyLossSpec:
     logprob_impl: str = "logits"
     chunk_size: Optional[int] = None
     entropy_coeff: float = 0.0  # > 0 adds an entropy bonus (off in the paper)
+    # > 0 adds kl_coeff * KL(policy || reference) from batch["ref_log_prob"] (off in the paper)
+    kl_coeff: float = 0.0
+    kl_kind: str = "k3"  # k1 | k2 | k3, see algorithms.advantages.kl_penalty
 
     def __post_init__(self) -> None:
         if self.loss not in POLICY_LOSSES:
@@ -163,6 +167,12 @@ def _policy_loss_func(spec: PolicyLossSpec, batch, core, scale: float, output):
         bonus = aggregate_loss(entropy, mask, spec.loss_agg_mode, normalizer=batch["loss_normalizer"])
         loss = loss - spec.entropy_coeff * bonus
     metrics = dict(metrics)
+    if spec.kl_coeff:
+        from megatron_cegppo.algorithms.advantages import kl_penalty
+
+        kl = kl_penalty(log_prob, batch["ref_log_prob"], kind=spec.kl_kind)
+        loss = loss + spec.kl_coeff * aggregate_loss(kl, mask, spec.loss_agg_mode, normalizer=batch["loss_normalizer"])
+        metrics["kl_ref"] = _masked_mean(kl.detach(), mask)
     metrics["loss"] = loss.detach()
     metrics["entropy"] = _masked_mean(entropy.detach(), mask)
     return loss * scale, metrics

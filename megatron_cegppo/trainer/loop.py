@@ -79,7 +79,18 @@ class Trainer:
             read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
             sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         )
-        import_hf_weights(chunks, read_hf_state(cfg.model.path), self.arch, padded)
+        hf_state = read_hf_state(cfg.model.path)
+        import_hf_weights(chunks, hf_state, self.arch, padded)
+        self.reference = None
+        if cfg.algorithm.kl_coeff > 0:  # the starting policy, frozen, for the KL term
+            _, _, self.reference, _ = build_gpt_from_hf(
+                read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
+                sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            )
+            import_hf_weights(self.reference, hf_state, self.arch, padded)
+            for chunk in self.reference:
+                chunk.requires_grad_(False)
+        del hf_state
         disable_batched_p2p_on_gloo(self.tconfig)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -93,15 +104,17 @@ class Trainer:
                   "cispo": dict(eps_high=a.eps_high), "gspo": {}}[a.loss]
         self.spec = PolicyLossSpec(loss=a.loss, loss_kwargs=kwargs, loss_agg_mode=a.loss_agg_mode,
                                    temperature=cfg.rollout.temperature, vocab_size=self.arch.vocab_size,
-                                   logprob_impl=cfg.model.logprob_impl, entropy_coeff=a.entropy_coeff)
+                                   logprob_impl=cfg.model.logprob_impl, entropy_coeff=a.entropy_coeff,
+                                   kl_coeff=a.kl_coeff)
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _schedule(self, forward_step, microbatches, seq_len, forward_only=False):
+    def _schedule(self, forward_step, microbatches, seq_len, forward_only=False, chunks=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        model = self.model if len(self.model) > 1 else self.model[0]
-        data = [iter(microbatches) for _ in self.model] if len(self.model) > 1 else iter(microbatches)
+        chunks = self.model if chunks is None else chunks
+        model = chunks if len(chunks) > 1 else chunks[0]
+        data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=model,
             num_microbatches=len(microbatches), seq_length=seq_len,
@@ -151,6 +164,12 @@ class Trainer:
                     out = self._schedule(make_logprob_forward_step(self.spec), micro, seq_len, forward_only=True)
                 for m, o in zip(micro, out or [{}] * len(micro)):
                     m["old_log_prob"] = o.get("log_prob", torch.zeros_like(m["loss_mask"]))
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = self._schedule(make_logprob_forward_step(self.spec), micro, seq_len,
+                                             forward_only=True, chunks=self.reference)
+                    for m, o in zip(micro, ref or [{}] * len(micro)):
+                        m["ref_log_prob"] = o.get("log_prob", torch.zeros_like(m["loss_mask"]))
                 minibatches.append(micro)
             mismatch = {}
             if L.is_last_stage:

@@ -41,6 +41,7 @@ def make_batches():
             loss_mask=mask, advantages=adv,
             # a near-uniform random model gives log-probs ~ -log(100): ratios spread over both clips
             old_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
+            ref_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
         ))
     return batches
 
@@ -70,7 +71,7 @@ def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
     return config, chunks
 
 
-def _train_step(config, chunks, impl, loss_name, agg):
+def _train_step(config, chunks, impl, loss_name, agg, kl_coeff=0.0):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -89,7 +90,7 @@ def _train_step(config, chunks, impl, loss_name, agg):
     for b in batches:
         b["loss_normalizer"] = norm
     kwargs = LOSS_KWARGS if loss_name == "cegppo" else {}
-    spec = PolicyLossSpec(loss=loss_name, loss_kwargs=kwargs, loss_agg_mode=agg,
+    spec = PolicyLossSpec(loss=loss_name, loss_kwargs=kwargs, loss_agg_mode=agg, kl_coeff=kl_coeff,
                           vocab_size=VOCAB, logprob_impl=impl)
     stores = get_forward_backward_func()(
         forward_step_func=make_policy_forward_step(spec, num_microbatches=NUM_MICRO),
@@ -104,6 +105,7 @@ def _train_step(config, chunks, impl, loss_name, agg):
 
 
 RUNS = [("logits", "cegppo", "token-mean"), ("fused", "cegppo", "token-mean"),
+        ("logits", "cegppo", "token-mean", 0.1),  # with a reference-model KL (k3) term
         ("logits", "cegppo", "seq-mean-token-mean"), ("fused", "gspo", "seq-mean-token-mean")]
 
 
@@ -122,7 +124,8 @@ def reference_worker(rank, world, share):
 
     # Dense: full-vocabulary log_softmax over the whole mini-batch at once, plain autograd.
     dense = {}
-    for impl, loss_name, agg in RUNS:
+    for run in RUNS:
+        impl, loss_name, agg, *kl = run
         if impl != "logits":
             continue
         set_output_hidden_states(model, False)
@@ -134,12 +137,16 @@ def reference_worker(rank, world, share):
         kwargs = LOSS_KWARGS if loss_name == "cegppo" else {}
         loss, _ = POLICY_LOSSES[loss_name](lp, cat["old_log_prob"].double(), cat["advantages"].double(),
                                            cat["loss_mask"], loss_agg_mode=agg, **kwargs)
+        if kl:  # k3 written out: exp(ref - lp) - (ref - lp) - 1, mean over response tokens
+            d = cat["ref_log_prob"].double() - lp
+            mask = cat["loss_mask"].bool()
+            loss = loss + kl[0] * ((torch.exp(d) - d - 1)[mask]).mean()
         loss.backward()
         # the DDP wrapper of _train_step moves .grad into main_grad (zeroed after each step)
         grads = {n: p.main_grad.clone() for n, p in global_named_params([model])}
         for _, p in global_named_params([model]):
             p.main_grad.zero_()
-        dense[(loss_name, agg)] = (loss.item(), grads)
+        dense[run] = (loss.item(), grads)
     return state, results, dense
 
 
@@ -179,10 +186,11 @@ def _losses(stores):
 @pytest.mark.parametrize("share", [False, True], ids=["untied", "tied"])
 def test_reference_schedule_equals_dense_autograd(share):
     state, results, dense = reference(share)
-    for (impl, loss_name, agg), (stores, grads) in results.items():
-        if (loss_name, agg) not in dense or impl != "logits":
+    assert len(dense) == 3
+    for run, (stores, grads) in results.items():
+        if run not in dense:
             continue
-        loss, dense_grads = dense[(loss_name, agg)]
+        loss, dense_grads = dense[run]
         assert sum(_losses(stores)) == pytest.approx(loss, abs=1e-6)
         for name, g in grads.items():
             torch.testing.assert_close(g, dense_grads[name], atol=1e-6, rtol=1e-5, msg=name)

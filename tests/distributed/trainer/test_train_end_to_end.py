@@ -1,6 +1,7 @@
 """A few CE-GPPO steps end to end in 2 real processes (training TP=2, one vLLM engine per
-process): metrics are finite, the weights changed, and every step's samples came from the
-weights pushed after the previous update (vLLM and Megatron log-probs agree)."""
+process), with a reference-model KL term: metrics are finite, the weights changed, and every
+step's samples came from the weights pushed after the previous update (vLLM and Megatron
+log-probs agree)."""
 
 from __future__ import annotations
 
@@ -59,13 +60,13 @@ def test_short_training_run(tmp_path):
     overrides = [f"model.path={model}", f"data.train_path={tmp_path / 'prompts.jsonl'}",
                  f"trainer.run_dir={run_dir}", "trainer.steps=3", "algorithm.prompts_per_step=8",
                  "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
-                 "reward.name=test_contains_5"]
+                 "reward.name=test_contains_5", "algorithm.kl_coeff=0.01"]
     ranks = run_distributed(worker, 2, overrides, timeout=600)
     history, final = ranks[0]
     assert len(history) == 3
     for metrics in history:
         for key in ("reward_mean", "entropy", "response_length_mean", "clipfrac_low", "quadrant/pa_lp_frac",
-                    "mismatch/abs_max", "tokens_per_second", "time/generate", "time/train"):
+                    "mismatch/abs_max", "tokens_per_second", "time/generate", "time/train", "kl_ref"):
             assert key in metrics and math.isfinite(metrics[key]), key
         assert metrics["mismatch/abs_max"] < 1e-3, "vLLM sampled from weights other than Megatron's"
     initial = read_hf_state(model)
