@@ -169,6 +169,51 @@ def _patch_hardcoded_cuda_modules() -> None:
             module.torch = proxy
 
 
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _with_cuda_type_names(fn):
+    """Runs ``fn`` with ``Tensor.type()`` answering CUDA type names for CPU float tensors:
+    the functions wrapped below only use the name to tell fp32 from fp16/bf16."""
+    upstream_type = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = upstream_type(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return upstream_type(self, dtype, non_blocking, **kwargs)
+
+    def wrapped(*args, **kwargs):
+        torch.Tensor.type = type_
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = upstream_type
+
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def _patch_cuda_type_checks() -> None:
+    # megatron.core.optimizer.distrib_optimizer.DistributedOptimizer
+    #   ._build_model_and_main_param_groups raises unless params are 'torch.cuda.*Tensor';
+    # megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32 asserts
+    #   grad.type() == 'torch.cuda.FloatTensor'.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    cls._build_model_and_main_param_groups = classmethod(
+        _with_cuda_type_names(cls._build_model_and_main_param_groups.__func__)
+    )
+    wrapped_clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = wrapped_clip
+    optimizer.clip_grad_by_total_norm_fp32 = wrapped_clip
+
+
 def allow_sequence_parallel_torch_norm() -> None:
     """Replaces ``megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__``, which
     asserts ``not config.sequence_parallel``. A norm is per-token, so under sequence parallel
@@ -210,6 +255,7 @@ _CPU_PATCHES = {
     "tensor_cuda": _patch_tensor_cuda,
     "rng": _patch_rng,
     "hardcoded_cuda_modules": _patch_hardcoded_cuda_modules,
+    "cuda_type_checks": _patch_cuda_type_checks,
 }
 PATCH_NAMES = ("sequence_parallel_torch_norm",) + tuple(_CPU_PATCHES)
 

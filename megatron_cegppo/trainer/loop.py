@@ -93,8 +93,7 @@ class Trainer:
         del hf_state
         disable_batched_p2p_on_gloo(self.tconfig)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   use_distributed_optimizer=torch.cuda.is_available())
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
         self.model = [DistributedDataParallel(self.tconfig, ddp_config, c) for c in chunks]
         self.optimizer = build_optimizer(cfg.optim, self.model, bf16=bf16)
         a = cfg.algorithm
@@ -136,7 +135,7 @@ class Trainer:
         from megatron_cegppo.rollout.batch import build_token_batch
         from megatron_cegppo.rollout.mismatch import logprob_mismatch, truncated_importance_weights
         from megatron_cegppo.rollout.weight_sync import push_megatron_weights
-        from megatron_cegppo.trainer.optim import clip_grad_norm_, learning_rate, set_learning_rate
+        from megatron_cegppo.trainer.optim import learning_rate, set_learning_rate
 
         cfg, a, L = self.cfg, self.cfg.algorithm, self.layout
         n = self.sampling.n
@@ -193,11 +192,9 @@ class Trainer:
                                                                     cfg.trainer.steps * a.minibatches * a.epochs))
                     forward_step = make_policy_forward_step(self.spec, num_microbatches=len(micro), dp_world_size=L.dp)
                     stores.extend(self._schedule(forward_step, micro, seq_len) or [])
-                    if not torch.cuda.is_available():
-                        grad_norms.append(clip_grad_norm_(self.model, cfg.optim.grad_clip))
-                    _, gpu_norm, _ = self.optimizer.step()
-                    if gpu_norm is not None:
-                        grad_norms.append(float(gpu_norm))
+                    _, grad_norm, _ = self.optimizer.step()
+                    if grad_norm is not None:
+                        grad_norms.append(float(grad_norm))
                     for chunk in self.model:
                         chunk.zero_grad_buffer()
                     self.optimizer.zero_grad()

@@ -81,6 +81,21 @@ def _op_sp_norm(config):  # WrappedTorchNorm.__new__ asserts not sequence_parall
     _build(config)
 
 
+def _op_cuda_type_checks(config):  # DistributedOptimizer construction, clip_grad_by_total_norm_fp32
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_cegppo.config.schema import OptimConfig
+    from megatron_cegppo.trainer.optim import build_optimizer
+
+    model_parallel_cuda_manual_seed(1)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                  _build(config)[0])
+    optimizer = build_optimizer(OptimConfig(lr=1e-3, grad_clip=1e-3), [ddp], bf16=False)
+    _train_step(config, [ddp])
+    optimizer.step()
+
+
 OPERATIONS = {
     "current_device": (_op_current_device, dict()),
     "rng": (_op_rng, dict()),
@@ -88,6 +103,7 @@ OPERATIONS = {
     "tensor_cuda": (_op_tensor_cuda, dict(pp=2)),
     "synchronize": (_op_synchronize, dict(pp=2, batch_p2p=True)),
     "sequence_parallel_torch_norm": (_op_sp_norm, dict(tp=2, sp=True)),
+    "cuda_type_checks": (_op_cuda_type_checks, dict()),
 }
 
 
