@@ -38,3 +38,17 @@ def tiny_gpt_config(
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
         batch_p2p_comm=False,
     )
+
+
+def save_tiny_task_model(folder) -> None:
+    """An untrained tiny Qwen2 model with the demo's tokenizer, as an HF folder."""
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_cegppo.demo.tokenizer import load_task_tokenizer, train_task_tokenizer
+    from megatron_cegppo.demo.warmup import tiny_qwen2_config
+
+    train_task_tokenizer(str(folder))
+    tokenizer = load_task_tokenizer(str(folder))
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_qwen2_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -3,8 +3,12 @@ old log-probs with Megatron, update on mini-batches, push the weights back into 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
+import signal
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -12,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cegppo.algorithms.advantages import grpo_advantages
+from megatron_cegppo.checkpoint.store import CheckpointStore
 from megatron_cegppo.config import Config, to_dict
 from megatron_cegppo.trainer.distributed import Layout, init_distributed
 
@@ -60,6 +65,10 @@ class Trainer:
                                     sampling=self.sampling, seed=cfg.trainer.seed)
         self._build_model()
         self.optimizer_steps = 0
+        self.start_step = 0
+        self.stop_requested = False
+        self.store = CheckpointStore(Path(cfg.trainer.run_dir) / "checkpoints", keep=cfg.trainer.keep_checkpoints)
+        self._resume()
 
     def _build_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -229,6 +238,77 @@ class Trainer:
             merged[key] = max(values) if key.endswith("_max") else float(np.mean(values))
         return merged
 
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.barrier()
+
+    def save(self, step: int) -> None:
+        """Model, optimizer, data order, step and every rank's random state, atomically."""
+        from megatron_cegppo.checkpoint.megatron_state import save_model_and_optimizer
+        from megatron_cegppo.checkpoint.rng import capture_rng_state
+
+        staging = self.store.staging_dir(step)
+        if self.reporting:
+            self.store.clean_staging()
+            (staging / "megatron").mkdir(parents=True)
+            (staging / "rng").mkdir()
+        self._barrier()
+        save_model_and_optimizer(self.model, self.optimizer, staging / "megatron")
+        torch.save(capture_rng_state(), staging / "rng" / f"rank_{self.layout.rank:05d}.pt")
+        if self.reporting:
+            (staging / "trainer_state.json").write_text(json.dumps({
+                "step": step, "optimizer_steps": self.optimizer_steps, "sampler": self.sampler.state_dict(),
+                "model": dataclasses.asdict(self.arch), "world_size": self.layout.world,
+                "config": to_dict(self.cfg),
+            }, indent=1))
+        self._barrier()
+        if self.reporting:
+            self.store.commit(step)
+        self._barrier()
+
+    def _resume(self) -> None:
+        """Continues from the run directory's latest complete checkpoint, if there is one."""
+        from megatron_cegppo.checkpoint import CheckpointError
+        from megatron_cegppo.checkpoint.megatron_state import load_model_and_optimizer
+        from megatron_cegppo.checkpoint.rng import restore_rng_state
+        from megatron_cegppo.rollout.weight_sync import push_megatron_weights
+
+        box = [None]
+        if self.reporting:
+            self.store.clean_staging()
+            latest = self.store.latest()
+            box = [str(latest) if latest else None]
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        path = Path(box[0])
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["model"] != dataclasses.asdict(self.arch):
+            raise CheckpointError(f"{path} holds a different model: {state['model']} vs {dataclasses.asdict(self.arch)}")
+        load_model_and_optimizer(self.model, self.optimizer, path / "megatron")
+        self.sampler.load_state_dict(state["sampler"])
+        self.optimizer_steps = state["optimizer_steps"]
+        self.start_step = state["step"] + 1
+        rng_file = path / "rng" / f"rank_{self.layout.rank:05d}.pt"
+        if state["world_size"] == self.layout.world and rng_file.exists():
+            restore_rng_state(torch.load(rng_file, weights_only=True))
+        push_megatron_weights(self.engine, self.model, self.arch, bucket_bytes=self.cfg.rollout.weight_bucket_bytes)
+        if self.reporting:
+            print(f"[megatron-cegppo] resumed from {path} at step {self.start_step}", flush=True)
+
+    def request_stop(self, *_) -> None:
+        """Signal handler: save and stop at the end of the current step."""
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor(float(self.stop_requested))
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # -- the run ----------------------------------------------------------------------------
 
     def fit(self) -> list[dict]:
@@ -243,12 +323,15 @@ class Trainer:
             prepare_run_dir(run_dir, to_dict(cfg), allow_config_change=True)
         if dist.is_initialized():
             dist.barrier()
-        writer = MetricsWriter(run_dir, enabled=self.reporting)
+        writer = MetricsWriter(run_dir, enabled=self.reporting,
+                               truncate_after_step=self.start_step - 1 if self.start_step else None)
         timer = PhaseTimer()
         history = []
-        bar = progress(cfg.trainer.steps, desc="CE-GPPO steps", enabled=self.reporting)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.request_stop)
+        bar = progress(cfg.trainer.steps, desc="CE-GPPO steps", enabled=self.reporting, initial=self.start_step)
         try:
-            for step in range(cfg.trainer.steps):
+            for step in range(self.start_step, cfg.trainer.steps):
                 timer.reset()
                 start = time.perf_counter()
                 metrics = self.train_step(step, timer)
@@ -261,6 +344,14 @@ class Trainer:
                     writer.log(step, metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics.get('entropy', 0):.3f}")
+                last = step == cfg.trainer.steps - 1
+                every = cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0
+                stop = self._stop_agreed()
+                if last or every or stop:
+                    self.save(step)
+                if stop:
+                    self.stopped_at = step
+                    break
         finally:
             bar.close()
             writer.close()

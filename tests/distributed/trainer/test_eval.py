@@ -6,6 +6,7 @@ import pytest
 
 from megatron_cegppo.rewards.registry import register_reward
 from megatron_cegppo.testing.multiprocess import run_distributed
+from megatron_cegppo.testing.tiny import save_tiny_task_model
 
 pytestmark = pytest.mark.distributed
 
@@ -28,10 +29,8 @@ def worker(rank, world, model, data):
 def test_eval_reports_the_mean_reward_over_k_samples(tmp_path):
     from megatron_cegppo.demo.prepare import write_prompts
 
-    from test_train_end_to_end import make_model
-
     model = tmp_path / "model"
-    make_model(model)
+    save_tiny_task_model(model)
     write_prompts(tmp_path / "bench.jsonl", 5, seed=3)
     (result,) = run_distributed(worker, 1, str(model), str(tmp_path / "bench.jsonl"), timeout=300)
     assert result["prompts"] == 5 and len(result["responses"]) == 15

@@ -13,6 +13,7 @@ import torch
 
 from megatron_cegppo.rewards.registry import register_reward
 from megatron_cegppo.testing.multiprocess import run_distributed
+from megatron_cegppo.testing.tiny import save_tiny_task_model
 
 pytestmark = pytest.mark.distributed
 
@@ -22,19 +23,6 @@ def contains_5(response: str, answer: str) -> float:
     """An untrained model's random responses get mixed rewards: a learning signal (and a
     user-registered reward on the way)."""
     return float("5" in response)
-
-
-def make_model(folder):
-    from transformers import Qwen2ForCausalLM
-
-    from megatron_cegppo.demo.tokenizer import load_task_tokenizer, train_task_tokenizer
-    from megatron_cegppo.demo.warmup import tiny_qwen2_config
-
-    train_task_tokenizer(str(folder))
-    tokenizer = load_task_tokenizer(str(folder))
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(tiny_qwen2_config(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def worker(rank, world, overrides):
@@ -54,7 +42,7 @@ def test_short_training_run(tmp_path):
     from megatron_cegppo.models import read_hf_state
 
     model = tmp_path / "model"
-    make_model(model)
+    save_tiny_task_model(model)
     write_prompts(tmp_path / "prompts.jsonl", 64, seed=1)
     run_dir = tmp_path / "run"
     overrides = [f"model.path={model}", f"data.train_path={tmp_path / 'prompts.jsonl'}",
