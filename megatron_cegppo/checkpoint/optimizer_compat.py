@@ -1,6 +1,6 @@
 """Workarounds for loading megatron-core 0.16's distributed optimizer when it runs on torch's
 Adam (no apex / transformer-engine: every CPU run, and GPU installs without them). Each cites
-the upstream function; ``tests/distributed/checkpoint/test_model_optimizer_checkpoint.py``
+the upstream function; ``tests/distributed/checkpoint/test_resume.py``
 fails without them (resumed losses and weights drift from the uninterrupted run)."""
 
 from __future__ import annotations

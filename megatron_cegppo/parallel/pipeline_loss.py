@@ -220,7 +220,8 @@ def make_logprob_forward_step(spec: PolicyLossSpec) -> Callable:
 def reduce_microbatch_metrics(stores: list[Mapping[str, torch.Tensor]]) -> dict[str, float]:
     """Combines the per-micro-batch metric dicts the schedule returns: ``loss`` is summed
     (each is a share of the mini-batch loss), ``*_clipped`` counts and ``num_tokens`` are
-    summed, every other metric is averaged weighted by its micro-batch's ``num_tokens``."""
+    summed, ``*_max`` maximised, every other metric is averaged weighted by its micro-batch's
+    ``num_tokens``. The same rules combine data-parallel ranks' reduced metrics."""
     if not stores:
         return {}
     weights = [float(s.get("num_tokens", 1.0)) for s in stores]
@@ -230,7 +231,7 @@ def reduce_microbatch_metrics(stores: list[Mapping[str, torch.Tensor]]) -> dict[
         values = [float(s[key]) for s in stores]
         if key in ("loss", "num_tokens") or key.endswith("_clipped"):
             out[key] = sum(values)
-        elif key == "ratio_max":
+        elif key.endswith("_max"):
             out[key] = max(values)
         else:
             out[key] = sum(v * w for v, w in zip(values, weights)) / total

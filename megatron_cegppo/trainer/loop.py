@@ -227,15 +227,18 @@ class Trainer:
         return self._merge_across_ranks(local, metrics)
 
     def _merge_across_ranks(self, local: dict, common: dict) -> dict:
-        """Metrics only the last pipeline stage has, averaged over the ranks that have them."""
-        parts = [local]
+        """The last pipeline stage's metrics, one report per data-parallel replica (TP rank 0),
+        combined as micro-batches are: sums of counts, token-weighted means, maxima. The
+        result does not depend on the layout."""
+        from megatron_cegppo.parallel.pipeline_loss import reduce_microbatch_metrics
+
+        mine = local if (self.layout.is_last_stage and self.layout.tp_rank == 0) else None
+        parts = [mine]
         if dist.is_initialized() and self.layout.world > 1:
             parts = [None] * self.layout.world
-            dist.all_gather_object(parts, local)
+            dist.all_gather_object(parts, mine)
         merged = dict(common)
-        for key in sorted({k for p in parts for k in p}):
-            values = [p[key] for p in parts if key in p]
-            merged[key] = max(values) if key.endswith("_max") else float(np.mean(values))
+        merged.update(reduce_microbatch_metrics([p for p in parts if p]))
         return merged
 
     # -- checkpoints ------------------------------------------------------------------------

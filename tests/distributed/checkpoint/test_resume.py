@@ -36,24 +36,46 @@ def _deterministic(metrics):
     return {k: v for k, v in metrics.items() if not k.startswith(TIMING)}
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
     from megatron_cegppo.demo.prepare import write_prompts
 
-    model = tmp_path / "model"
-    save_tiny_task_model(model)
-    write_prompts(tmp_path / "prompts.jsonl", 64, seed=1)
-    common = [f"model.path={model}", f"data.train_path={tmp_path / 'prompts.jsonl'}",
-              "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=16", "rollout.n=4",
+    tmp = tmp_path_factory.mktemp("resume")
+    save_tiny_task_model(tmp / "model")
+    write_prompts(tmp / "prompts.jsonl", 64, seed=1)
+    common = [f"model.path={tmp / 'model'}", f"data.train_path={tmp / 'prompts.jsonl'}",
+              "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=8", "rollout.n=4",
               "reward.name=test_resume_contains_7", "optim.warmup_steps=2"]
-    whole = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp_path / 'a'}", "trainer.steps=4"])
-    first = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp_path / 'b'}", "trainer.steps=2"])
-    rest = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp_path / 'b'}", "trainer.steps=4"])
+    whole = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / 'whole'}", "trainer.steps=4"])
+    return tmp, common, whole
+
+
+def _stop_and_resume(tmp, common, name, resumed_overrides=()):
+    first = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / name}", "trainer.steps=2"])
+    rest = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / name}", "trainer.steps=4",
+                                                 *resumed_overrides])
     assert first[0][0] == 0 and rest[0][0] == 2, "the second run did not resume at step 2"
-    expected = [_deterministic(m) for m in whole[0][1]]
-    got = [_deterministic(m) for m in first[0][1] + rest[0][1]]
-    assert got == expected
-    for name, tensor in whole[0][2].items():
-        assert torch.equal(rest[0][2][name], tensor), name
+    return first[0][1] + rest[0][1], rest[0][2]
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted(setup):
     from megatron_cegppo.tracking.metrics import read_metrics
 
-    assert [m["step"] for m in read_metrics(tmp_path / "b")] == [0, 1, 2, 3]
+    tmp, common, whole = setup
+    history, final = _stop_and_resume(tmp, common, "same_layout")
+    assert [_deterministic(m) for m in history] == [_deterministic(m) for m in whole[0][1]]
+    for name, tensor in whole[0][2].items():
+        assert torch.equal(final[name], tensor), name
+    assert [m["step"] for m in read_metrics(tmp / "same_layout")] == [0, 1, 2, 3]
+
+
+def test_resume_at_another_layout(setup):
+    """Saved at TP=2, resumed at TP=1 x DP=2: model and optimizer resharded. Only the
+    reduction order differs, so metrics agree to 1e-5 instead of bitwise."""
+    tmp, common, whole = setup
+    history, final = _stop_and_resume(tmp, common, "tp2_to_dp2", ["parallel.tensor=1"])
+    for got, expected in zip(history, whole[0][1]):
+        for key, value in _deterministic(expected).items():
+            assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+    for name, tensor in whole[0][2].items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
