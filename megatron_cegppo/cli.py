@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=8)
     e.add_argument("--model", default=None, help="HF folder (default: the config's model.path)")
     e.add_argument("overrides", nargs="*")
+    x = sub.add_parser("export", help="an HF folder (safetensors, config, tokenizer) from a checkpoint")
+    x.add_argument("--config", required=True)
+    x.add_argument("--out", required=True, help="the folder to write")
+    x.add_argument("--checkpoint", default=None, help="a step_* folder (default: the run's latest)")
+    x.add_argument("overrides", nargs="*")
     return p
 
 
@@ -43,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.model:
                 cfg.model.path = args.model
             cfg.data.train_path = cfg.data.train_path or args.data
-        validate(cfg, world if args.command == "train" else None)
+        validate(cfg, world if args.command in ("train", "export") else None)
     except ConfigError as exc:
         print(f"megatron-cegppo: {exc}", file=sys.stderr)
         return 2
@@ -51,6 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_cegppo.trainer.loop import train
 
         train(cfg)
+        return 0
+    if args.command == "export":
+        from megatron_cegppo.checkpoint.export import export_checkpoint
+
+        export_checkpoint(cfg, args.checkpoint, args.out)
         return 0
     from megatron_cegppo.evaluate import evaluate
 

@@ -50,8 +50,9 @@ def setup(tmp_path_factory):
     return tmp, common, whole
 
 
-def _stop_and_resume(tmp, common, name, resumed_overrides=()):
-    first = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / name}", "trainer.steps=2"])
+def _stop_and_resume(tmp, common, name, resumed_overrides=(), first_overrides=()):
+    first = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / name}", "trainer.steps=2",
+                                                  *first_overrides])
     rest = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / name}", "trainer.steps=4",
                                                  *resumed_overrides])
     assert first[0][0] == 0 and rest[0][0] == 2, "the second run did not resume at step 2"
@@ -69,13 +70,60 @@ def test_stopped_and_resumed_run_equals_uninterrupted(setup):
     assert [m["step"] for m in read_metrics(tmp / "same_layout")] == [0, 1, 2, 3]
 
 
-def test_resume_at_another_layout(setup):
-    """Saved at TP=2, resumed at TP=1 x DP=2: model and optimizer resharded. Only the
-    reduction order differs, so metrics agree to 1e-5 instead of bitwise."""
+@pytest.mark.parametrize("saved_at", [[], ["parallel.tensor=1", "parallel.pipeline=2"]], ids=["tp2", "pp2"])
+def test_resume_at_another_layout(setup, saved_at):
+    """Saved at TP=2 (or PP=2), resumed at TP=1 x PP=1 x DP=2: model and optimizer resharded.
+    Only the reduction order differs, so metrics agree to 1e-5 instead of bitwise."""
     tmp, common, whole = setup
-    history, final = _stop_and_resume(tmp, common, "tp2_to_dp2", ["parallel.tensor=1"])
+    name = "_".join(saved_at) or "tp2"
+    history, final = _stop_and_resume(tmp, common, name, ["parallel.tensor=1", "parallel.pipeline=1"], saved_at)
     for got, expected in zip(history, whole[0][1]):
         for key, value in _deterministic(expected).items():
             assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
     for name, tensor in whole[0][2].items():
         torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def export_worker(rank, world, overrides, out):
+    from megatron_cegppo.cli import main
+    from megatron_cegppo.rollout import EngineConfig, RolloutEngine, SamplingConfig
+
+    assert main(["export", "--config", "configs/tiny_cpu.yaml", "--out", out, *overrides]) == 0
+    engine = RolloutEngine(out, EngineConfig(max_model_len=32, kv_cache_bytes=8 << 20), seed=0)
+    return len(engine.generate([[5, 6]], SamplingConfig(n=2, max_tokens=4), seeds=[1]))
+
+
+def test_export_writes_a_folder_transformers_and_vllm_load(setup):
+    """Saved at TP=2, exported at TP=1 from one process: the HF tensors are the trained ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, common, whole = setup
+    out = tmp / "exported"
+    overrides = [o for o in common] + [f"trainer.run_dir={tmp / 'whole'}", "parallel.tensor=1"]
+    (n,) = run_distributed(export_worker, 1, overrides, str(out), timeout=300)
+    assert n == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    state = model.state_dict()
+    for name, tensor in whole[0][2].items():
+        assert torch.equal(state[name], tensor), name
+    assert AutoTokenizer.from_pretrained(out).decode([4]) == "\\boxed{"
+
+
+def test_checkpoint_of_another_model_is_refused(setup, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_cegppo.demo.tokenizer import load_task_tokenizer
+    from megatron_cegppo.demo.warmup import tiny_qwen2_config
+
+    tmp, common, whole = setup
+    other = tmp_path / "other"
+    config = tiny_qwen2_config(load_task_tokenizer(str(tmp / "model")))
+    config.num_hidden_layers = 4
+    config.layer_types = config.layer_types * 2
+    Qwen2ForCausalLM(config).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (other / name).write_bytes((tmp / "model" / name).read_bytes())
+    overrides = [o for o in common if not o.startswith("model.path")] + [
+        f"model.path={other}", f"trainer.run_dir={tmp / 'whole'}", "trainer.steps=5"]
+    with pytest.raises(RuntimeError, match="holds a different model"):
+        run_distributed(worker, 2, overrides, timeout=300)
