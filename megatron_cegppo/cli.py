@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+EXIT_STOPPED = 3  # saved a checkpoint and stopped on request (SIGTERM/SIGUSR1/STOP file)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-cegppo", description=__doc__)
@@ -30,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the folder to write")
     x.add_argument("--checkpoint", default=None, help="a step_* folder (default: the run's latest)")
     x.add_argument("overrides", nargs="*")
+    s = sub.add_parser("submit", help="write and submit the Slurm batch script of a config")
+    s.add_argument("--config", required=True)
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--time", default="24:00:00")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
+    s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    s.add_argument("overrides", nargs="*")
     return p
 
 
@@ -44,18 +55,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             validate(cfg, args.world_size)
             print(f"{args.config}: valid")
             return 0
+        if args.command == "submit":
+            world = args.nodes * max(1, args.gpus_per_node)
         if args.command == "eval":
             if args.model:
                 cfg.model.path = args.model
             cfg.data.train_path = cfg.data.train_path or args.data
-        validate(cfg, world if args.command in ("train", "export") else None)
+        validate(cfg, world if args.command in ("train", "export", "submit") else None)
     except ConfigError as exc:
         print(f"megatron-cegppo: {exc}", file=sys.stderr)
         return 2
     if args.command == "train":
         from megatron_cegppo.trainer.loop import train
 
-        train(cfg)
+        return 0 if train(cfg) else EXIT_STOPPED
+    if args.command == "submit":
+        from pathlib import Path
+
+        from megatron_cegppo.slurm import render_sbatch, submit
+
+        script = render_sbatch(config=args.config, overrides=args.overrides, run_dir=cfg.trainer.run_dir,
+                               nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+                               partition=args.partition, signal_seconds=args.signal_seconds)
+        submit(script, Path(cfg.trainer.run_dir) / "cegppo.sbatch", args.dry_run)
         return 0
     if args.command == "export":
         from megatron_cegppo.checkpoint.export import export_checkpoint

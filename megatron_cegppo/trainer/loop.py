@@ -9,7 +9,6 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -19,6 +18,9 @@ from megatron_cegppo.algorithms.advantages import grpo_advantages
 from megatron_cegppo.checkpoint.store import CheckpointStore
 from megatron_cegppo.config import Config, to_dict
 from megatron_cegppo.trainer.distributed import Layout, init_distributed
+
+
+STOP_FILE = "STOP"
 
 
 def _seed_everything(seed: int) -> None:
@@ -307,7 +309,10 @@ class Trainer:
         self.stop_requested = True
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor(float(self.stop_requested))
+        """A signal on any rank, or a ``STOP`` file in the run directory (what the Slurm
+        batch script writes: it reaches every rank without crossing srun and torchrun)."""
+        requested = self.stop_requested or (self.reporting and (Path(self.cfg.trainer.run_dir) / STOP_FILE).exists())
+        flag = torch.tensor(float(requested))
         if dist.is_initialized() and self.layout.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -363,5 +368,8 @@ class Trainer:
         return history
 
 
-def train(cfg: Config) -> Optional[list[dict]]:
-    return Trainer(cfg).fit()
+def train(cfg: Config) -> bool:
+    """Runs (or resumes) training; ``False`` when it stopped early on request, after saving."""
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return getattr(trainer, "stopped_at", None) is None
