@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-node", type=int, default=8)
     s.add_argument("--time", default="24:00:00")
     s.add_argument("--partition", default=None)
+    s.add_argument("--cpus-per-task", type=int, default=64, help="CPU cores per node's task")
     s.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     s.add_argument("overrides", nargs="*")
@@ -76,7 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         script = render_sbatch(config=args.config, overrides=args.overrides, run_dir=cfg.trainer.run_dir,
                                nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
-                               partition=args.partition, signal_seconds=args.signal_seconds)
+                               partition=args.partition, signal_seconds=args.signal_seconds,
+                               cpus_per_task=args.cpus_per_task)
+        (Path(cfg.trainer.run_dir) / "logs").mkdir(parents=True, exist_ok=True)  # slurmd opens --output there
         submit(script, Path(cfg.trainer.run_dir) / "cegppo.sbatch", args.dry_run)
         return 0
     if args.command == "export":

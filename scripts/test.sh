@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the environment (scripts/install.sh) and runs the tests: the fast single-process
-# unit tests first, then the real multi-process (gloo) tests. Extra arguments go to pytest
+# unit tests first, then the real multi-process (gloo) tests, then the Slurm tests on a local
+# cluster it starts. Extra arguments go to pytest
 # instead (e.g. `bash scripts/test.sh tests/unit -k losses`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,3 +13,6 @@ if [ "$#" -gt 0 ]; then
 fi
 "$PY" -m pytest -q tests/unit
 "$PY" -m pytest -q -m distributed tests/distributed
+# A real Slurm cluster on this machine (2 fake nodes; installs munge/slurmctld/slurmd as root).
+SLURM_CI_NODES=2 bash tests/slurm/local-cluster.sh up
+"$PY" -m pytest -q -m slurm tests/slurm
