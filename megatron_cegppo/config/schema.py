@@ -95,6 +95,7 @@ class TrainerConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end and on a stop signal
     keep_checkpoints: int = 2
+    resume_from: Optional[str] = None  # a step_* folder; default: the run directory's latest
 
 
 @dataclass

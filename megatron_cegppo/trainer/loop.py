@@ -283,7 +283,11 @@ class Trainer:
         box = [None]
         if self.reporting:
             self.store.clean_staging()
-            latest = self.store.latest()
+            if self.cfg.trainer.resume_from:
+                latest = Path(self.cfg.trainer.resume_from)
+                self.store.verify(latest)  # an explicit choice: unusable is an error, no fallback
+            else:
+                latest = self.store.latest()
             box = [str(latest) if latest else None]
         if dist.is_initialized() and self.layout.world > 1:
             dist.broadcast_object_list(box, src=0)
