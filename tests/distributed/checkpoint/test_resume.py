@@ -127,3 +127,15 @@ def test_checkpoint_of_another_model_is_refused(setup, tmp_path):
         f"model.path={other}", f"trainer.run_dir={tmp / 'whole'}", "trainer.steps=5"]
     with pytest.raises(RuntimeError, match="holds a different model"):
         run_distributed(worker, 2, overrides, timeout=300)
+
+
+def test_resume_from_an_explicit_checkpoint(setup):
+    """``trainer.resume_from`` continues another run's checkpoint in a new run directory."""
+    tmp, common, whole = setup
+    run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / 'source'}", "trainer.steps=2"])
+    ckpt = tmp / "source" / "checkpoints" / "step_00000001"
+    run = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / 'explicit'}", "trainer.steps=4",
+                                               f"trainer.resume_from={ckpt}"])
+    start, history, _ = run[0]
+    assert start == 2
+    assert [_deterministic(m) for m in history] == [_deterministic(m) for m in whole[0][1][2:]]
