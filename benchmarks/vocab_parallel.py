@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import queue as queue_mod
-import socket
 import statistics
 import sys
 import time
@@ -334,19 +333,15 @@ def _worker(fn_name, rank, world, cfg, args, results):
 # Parent side.
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(fn_name, world, cfg, *args, timeout=3600.0):
     """Runs ``fn_name`` on ``world`` fresh spawned processes; returns results in rank order."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    cfg = dict(cfg, port=_free_port())
+    from megatron_cegppo.testing.multiprocess import free_port
+
+    cfg = dict(cfg, port=free_port())
     # Inherited by the spawned interpreters; left as the user set it if already set.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
     procs = [

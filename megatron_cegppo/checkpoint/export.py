@@ -18,9 +18,10 @@ def load_model_weights(model_chunks, directory: Path) -> None:
     """Only the model part of a ``dist_checkpointing`` checkpoint (no optimizer needed)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_cegppo.checkpoint.megatron_state import SHARDING, _unwrapped
+    from megatron_cegppo.checkpoint.megatron_state import SHARDING
+    from megatron_cegppo.models.gpt import unwrap_model
 
-    chunks = _unwrapped(model_chunks)
+    chunks = [unwrap_model(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     request = {k: c.sharded_state_dict(metadata=SHARDING) for k, c in zip(keys, chunks)}
     loaded = dist_checkpointing.load(request, str(directory), strict="assume_ok_unexpected")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_cegppo.models.gpt import unwrap_model
 from megatron_cegppo.checkpoint.optimizer_compat import (
     materialize_adam_state,
     patch_set_main_param_and_optimizer_states,
@@ -15,13 +16,8 @@ from megatron_cegppo.checkpoint.optimizer_compat import (
 SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _unwrapped(model_chunks):
-    """The GPTModels inside megatron's DDP wrappers (whose own state dicts add a prefix)."""
-    return [getattr(c, "module", c) for c in model_chunks]
-
-
 def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict:
-    model_chunks = _unwrapped(model_chunks)
+    model_chunks = [unwrap_model(c) for c in model_chunks]
     if len(model_chunks) == 1:
         models = {"model": model_chunks[0].sharded_state_dict(metadata=SHARDING)}
     else:
@@ -45,7 +41,7 @@ def load_model_and_optimizer(model_chunks, optimizer, directory: Path) -> None:
         materialize_adam_state(optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True),
                                      str(directory), strict="assume_ok_unexpected")
-    chunks = _unwrapped(model_chunks)
+    chunks = [unwrap_model(c) for c in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)
     else:

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from megatron_cegppo.tracking.run_dir import atomic_write_text, fsync_dir
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -27,24 +29,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the reason."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def step_dir_name(step: int) -> str:
@@ -80,14 +64,14 @@ class CheckpointStore:
                 os.fsync(f.fileno())
             files[str(path.relative_to(staging))] = path.stat().st_size
         for directory in sorted({p.parent for p in staging.rglob("*")} | {staging}):
-            _fsync_dir(directory)
+            fsync_dir(directory)
         atomic_write_text(staging / MANIFEST, json.dumps(
             {"format_version": FORMAT_VERSION, "step": step, "files": files}, indent=1))
         final = self.root / step_dir_name(step)
         if final.exists():  # the same step saved again (e.g. on a stop signal): replace it
             shutil.rmtree(final)
         os.rename(staging, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         atomic_write_text(self.root / LATEST, step_dir_name(step) + "\n")
         self._prune()
         return final

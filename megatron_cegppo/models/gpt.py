@@ -13,6 +13,13 @@ def transformer_engine_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
 def gpt_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False, use_te: Optional[bool] = None):
     """Transformer-engine's fused layer spec on a GPU that has it, megatron's local spec
     (torch norms and linears) otherwise."""

@@ -13,20 +13,15 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_cegppo.models.gpt import unwrap_model
 from megatron_cegppo.models.weight_mapping import canonical_name
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
 
 
 def global_named_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(TP1/PP1 local-spec name, parameter) for this rank's chunks. The last stage's copy
     of tied embeddings (pipeline-parallel only) is named as the embedding."""
     for chunk in chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         for name, param in chunk.named_parameters():
             parts = name.split(".")
             if parts[:2] == ["decoder", "layers"]:

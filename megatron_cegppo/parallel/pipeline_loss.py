@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_cegppo.losses import LOSS_AGG_MODES, POLICY_LOSSES, aggregate_loss, loss_normalizer
+from megatron_cegppo.losses.statistics import masked_mean
+from megatron_cegppo.models.gpt import unwrap_model
 from megatron_cegppo.parallel.vocab_parallel import (
     fused_vocab_parallel_logprobs_entropy,
     vocab_parallel_logprobs_entropy,
@@ -80,13 +82,6 @@ def minibatch_loss_normalizer(
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     return total.clamp(min=1.0)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 def _tp_group(core: torch.nn.Module):
@@ -150,11 +145,6 @@ def _run_model(model, batch: Mapping[str, torch.Tensor], spec: PolicyLossSpec):
     return core, output
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.bool()
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
-
-
 def _policy_loss_func(spec: PolicyLossSpec, batch, core, scale: float, output):
     mask = batch["loss_mask"].bool()
     log_prob, entropy = _token_logprobs_entropy(spec, core, output, batch["labels"])
@@ -172,9 +162,9 @@ def _policy_loss_func(spec: PolicyLossSpec, batch, core, scale: float, output):
 
         kl = kl_penalty(log_prob, batch["ref_log_prob"], kind=spec.kl_kind)
         loss = loss + spec.kl_coeff * aggregate_loss(kl, mask, spec.loss_agg_mode, normalizer=batch["loss_normalizer"])
-        metrics["kl_ref"] = _masked_mean(kl.detach(), mask)
+        metrics["kl_ref"] = masked_mean(kl.detach(), mask)
     metrics["loss"] = loss.detach()
-    metrics["entropy"] = _masked_mean(entropy.detach(), mask)
+    metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return loss * scale, metrics
 
 

@@ -44,11 +44,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not every platform/filesystem allows it.
     try:
         fd = os.open(directory, os.O_RDONLY)
