@@ -34,14 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("overrides", nargs="*")
     s = sub.add_parser("submit", help="write and submit the Slurm batch script of a config")
     s.add_argument("--config", required=True)
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes")
+    s.add_argument("--gpus-per-node", type=int, default=None, help="default: cluster.gpus_per_node")
     s.add_argument("--time", default="24:00:00")
     s.add_argument("--partition", default=None)
     s.add_argument("--cpus-per-task", type=int, default=64, help="CPU cores per node's task")
     s.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    s.add_argument("--force", action="store_true", help="submit even when the memory plan says it does not fit")
     s.add_argument("overrides", nargs="*")
+    n = sub.add_parser("plan", help="per-GPU memory of a config, training and generation: does it fit?")
+    n.add_argument("--config", required=True)
+    n.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes")
+    n.add_argument("overrides", nargs="*")
     return p
 
 
@@ -54,18 +59,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
             validate(cfg, args.world_size)
+            shape = _shape_problems(cfg, args.world_size)
+            if shape:
+                raise ConfigError("the model's shape does not fit the layout:\n  - " + "\n  - ".join(shape))
             print(f"{args.config}: valid")
             return 0
-        if args.command == "submit":
-            world = args.nodes * max(1, args.gpus_per_node)
+        if args.command in ("submit", "plan"):
+            args.nodes = args.nodes or cfg.cluster.nodes
+            if args.command == "submit" and args.gpus_per_node is None:
+                args.gpus_per_node = cfg.cluster.gpus_per_node
+            world = args.nodes * max(1, cfg.cluster.gpus_per_node if args.command == "plan" else args.gpus_per_node)
         if args.command == "eval":
             if args.model:
                 cfg.model.path = args.model
             cfg.data.train_path = cfg.data.train_path or args.data
-        validate(cfg, world if args.command in ("train", "export", "submit") else None)
+        validate(cfg, world if args.command in ("train", "export", "submit", "plan") else None)
     except ConfigError as exc:
         print(f"megatron-cegppo: {exc}", file=sys.stderr)
         return 2
+    if args.command == "plan":
+        return _plan(cfg, args)
     if args.command == "train":
         from megatron_cegppo.trainer.loop import train
 
@@ -75,6 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         from megatron_cegppo.slurm import render_sbatch, submit
 
+        if not _preflight(cfg, args):
+            return 1
         script = render_sbatch(config=args.config, overrides=args.overrides, run_dir=cfg.trainer.run_dir,
                                nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
                                partition=args.partition, signal_seconds=args.signal_seconds,
@@ -92,6 +107,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = evaluate(cfg, args.data, k=args.k)
     print(f"accuracy avg@{args.k}: {result['accuracy']:.4f} over {result['prompts']} prompts")
     return 0
+
+
+def _preflight(cfg, args) -> bool:
+    """Before a GPU job waits in the queue: the model's shape against the layout, and the
+    memory plan (when the architecture can be read without the weights)."""
+    from pathlib import Path
+
+    if args.gpus_per_node == 0 or (not cfg.model.architecture and not (Path(cfg.model.path) / "config.json").is_file()):
+        return True  # CPU clusters, or nothing to plan from
+    from megatron_cegppo.planner import format_plan, make_plan, read_architecture
+    from megatron_cegppo.planner.plan import GIB
+
+    try:
+        arch = read_architecture(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"megatron-cegppo: {exc}", file=sys.stderr)
+        return False
+    cfg.cluster.gpus_per_node = args.gpus_per_node
+    plan = make_plan(cfg, arch, nodes=args.nodes)
+    if not plan.fits and not args.force:
+        print(format_plan(plan, title=args.config))
+        print("megatron-cegppo: not submitted: the plan above does not fit (--force submits anyway)", file=sys.stderr)
+        return False
+    print(f"memory plan: training {plan.training_total / GIB:.1f} GiB, generation {plan.generation_total / GIB:.1f} "
+          f"GiB per GPU of {plan.gpu_memory / GIB:.0f}: {'fits' if plan.fits else 'DOES NOT FIT (--force)'}")
+    return True
+
+
+def _shape_problems(cfg, world_size: Optional[int]) -> list:
+    """Layout vs the model's shape, when the architecture can be read without the weights."""
+    import math
+    from pathlib import Path
+
+    if not cfg.model.architecture and not (Path(cfg.model.path) / "config.json").is_file():
+        return []
+    from megatron_cegppo.planner.plan import layout_problems, read_architecture
+
+    try:
+        arch = read_architecture(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        return [str(exc)]
+    world = world_size or math.lcm(cfg.parallel.tensor * cfg.parallel.pipeline, cfg.rollout.tensor_parallel)
+    return layout_problems(cfg, arch, world)
+
+
+def _plan(cfg, args) -> int:
+    """Prints the memory plan; exit status 0 when it fits, 1 when it does not, 2 on bad input."""
+    from megatron_cegppo.planner import format_plan, make_plan, read_architecture
+
+    try:
+        arch = read_architecture(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"megatron-cegppo: {exc}", file=sys.stderr)
+        return 2
+    plan = make_plan(cfg, arch, nodes=args.nodes)
+    print(format_plan(plan, title=args.config))
+    return 0 if plan.fits else 1
 
 
 if __name__ == "__main__":

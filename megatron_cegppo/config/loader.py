@@ -7,8 +7,6 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-import yaml
-
 from megatron_cegppo.config.schema import Config
 
 
@@ -74,6 +72,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``algorithm.beta1=0.75`` -> (``algorithm.beta1``, 0.75); the value is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
+    import yaml  # here, not at the top: the schema is importable without PyYAML (GPU smoke check)
+
     key, raw = text.split("=", 1)
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
@@ -81,6 +81,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(path: Union[str, Path, None] = None, overrides: Iterable[str] = ()) -> Config:
     """The config of a YAML file (every key optional: defaults from the schema) with
     ``section.key=value`` overrides applied."""
+    import yaml
+
     tree: dict = {}
     if path is not None:
         path = Path(path)

@@ -14,6 +14,9 @@ class ModelConfig:
     path: str = ""  # HF folder: config.json, safetensors weights, tokenizer
     dtype: str = "float32"  # float32 (CPU) | bfloat16 (GPU, fp32 master weights)
     logprob_impl: str = "fused"  # fused | logits (see parallel.vocab_parallel)
+    # an HF config.json giving the model's shape, for `plan` before the weights are at hand;
+    # default: <path>/config.json
+    architecture: str = ""
 
 
 @dataclass
@@ -22,6 +25,9 @@ class ParallelConfig:
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None
     sequence_parallel: bool = False
+    # activation recomputation: none | selective (core attention) | full (each layer's input
+    # kept, the whole layer recomputed in backward)
+    recompute: str = "none"
     # data parallel = world size / (tensor * pipeline)
 
 
@@ -99,6 +105,16 @@ class TrainerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the run is meant to go: the planner's and `submit`'s defaults."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    # per GPU, as CUDA reports its total (an H100 80GB SXM: about 79.1 GiB)
+    gpu_memory_gib: float = 79.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -108,3 +124,4 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

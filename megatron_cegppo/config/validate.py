@@ -28,6 +28,8 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
     need(p.virtual_pipeline is None or (p.virtual_pipeline >= 2 and p.pipeline >= 2),
          "parallel.virtual_pipeline needs parallel.pipeline >= 2 and is >= 2 when set")
+    need(p.recompute in ("none", "selective", "full"),
+         f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
     need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
     if world_size is not None and p.tensor >= 1 and p.pipeline >= 1:
         need(world_size % (p.tensor * p.pipeline) == 0,
@@ -62,6 +64,9 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     need(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
     need(t.steps >= 1, "trainer.steps must be >= 1")
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+    c = cfg.cluster
+    need(c.nodes >= 1 and c.gpus_per_node >= 0 and c.gpu_memory_gib > 0,
+         "cluster.nodes must be >= 1, cluster.gpus_per_node >= 0 and cluster.gpu_memory_gib > 0")
     return out
 
 

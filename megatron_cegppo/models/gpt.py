@@ -66,13 +66,33 @@ def build_gpt_model_chunks(
                 vp_stage=stage,
             )
         )
+    for chunk in chunks:
+        _cast_params(chunk, config.params_dtype)
+        if torch.cuda.is_available():
+            # megatron's torch norms are built on the CPU whatever the config says (Megatron-LM's
+            # training.get_model moves every chunk the same way)
+            chunk.cuda(torch.cuda.current_device())
     return chunks
+
+
+def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Gives every parameter ``dtype``. The local spec's torch norms
+    (``megatron.core.transformer.torch_norm.WrappedTorchNorm``) ignore ``params_dtype`` and
+    stay fp32 in a bf16 model (transformer-engine's norms do not; megatron's Float16Module,
+    which we do not use, casts everything). Mixed dtypes break megatron's distributed
+    optimizer: it reorders each parameter group fp32-first, so
+    ``_get_main_param_and_optimizer_states`` (checkpoints) answers with another parameter's
+    master weight and Adam state."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def build_gpt_from_hf(hf_config, *, tp: int, pp: int, vpp: Optional[int] = None,
                       sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                      vocab_divisible_by: int = 128, **config_overrides):
+                      recompute: str = "none", vocab_divisible_by: int = 128, **config_overrides):
     """GPTModel chunks shaped like an HF Qwen2/Llama model, for this rank's stage(s).
+    ``recompute``: activation recomputation, ``none | selective | full``.
 
     Returns ``(arch, transformer_config, chunks, padded_vocab)``. Megatron's parallel state
     must be initialised with the same ``tp``/``pp``/``vpp``."""
@@ -80,7 +100,7 @@ def build_gpt_from_hf(hf_config, *, tp: int, pp: int, vpp: Optional[int] = None,
 
     arch = HFArchitecture.of(hf_config)
     config = transformer_config_from_hf(arch, tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel,
-                                        params_dtype=params_dtype, **config_overrides)
+                                        params_dtype=params_dtype, recompute=recompute, **config_overrides)
     padded = padded_vocab_size(arch.vocab_size, tp, vocab_divisible_by)
     chunks = build_gpt_model_chunks(
         config, vocab_size=padded, max_sequence_length=arch.max_position_embeddings,

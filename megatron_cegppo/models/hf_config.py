@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,23 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def recompute_settings(recompute: str) -> dict:
+    """megatron-core's activation-recomputation fields for ``none | selective | full``.
+
+    selective: core attention only (the local spec's ``[b, heads, s, s]`` scores and softmax)
+    is recomputed in backward: the activations that grow with s^2, cheap to redo
+    (transformer-engine's fused attention keeps no such matrix: little to save there).
+    full: only each layer's input is kept and the whole layer is recomputed (uniform method,
+    one layer per unit): the most memory saved, for about one extra forward pass."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    raise ValueError(f"recompute must be one of {list(RECOMPUTE_MODES)}, got {recompute!r}")
+
+
 def transformer_config_from_hf(
     arch: HFArchitecture,
     *,
@@ -78,9 +97,13 @@ def transformer_config_from_hf(
     vpp: Optional[int] = None,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
     **overrides: Any,
 ):
-    """A megatron-core ``TransformerConfig`` computing what the HF model computes."""
+    """A megatron-core ``TransformerConfig`` computing what the HF model computes.
+
+    ``params_dtype=torch.bfloat16`` gives bf16 parameters and activations (``bf16=True``); the
+    fp32 master weights live in the optimizer. ``recompute``: see :func:`recompute_settings`."""
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -94,6 +117,9 @@ def transformer_config_from_hf(
             f"{arch.num_kv_heads} key/value heads"
         )
     on_gpu = torch.cuda.is_available()
+    # megatron's fused masked softmax needs kernels built by apex / Megatron-LM; without them
+    # the local attention spec would fail on a GPU (transformer-engine's attention ignores it)
+    softmax_kernels = on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
     kwargs = dict(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads,
@@ -102,13 +128,14 @@ def transformer_config_from_hf(
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias, hidden_dropout=0.0, attention_dropout=0.0,
         # fused kernels exist only on the GPU
-        bias_activation_fusion=on_gpu, masked_softmax_fusion=on_gpu, bias_dropout_fusion=on_gpu,
+        bias_activation_fusion=on_gpu, masked_softmax_fusion=softmax_kernels, bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=not on_gpu, params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
         batch_p2p_comm=False,
+        **recompute_settings(recompute),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

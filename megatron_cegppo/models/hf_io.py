@@ -57,12 +57,19 @@ def _full_shape(param: torch.Tensor, tp_world: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-@torch.no_grad()
 def export_hf_weights(chunks, arch: HFArchitecture, *, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, full tensor)`` pairs of the whole model, on every rank, in buckets of at
-    most ``bucket_bytes`` (plus one tensor): each parameter is gathered over its TP group and
-    broadcast from the pipeline stage that holds it, so no rank materialises the whole model
-    at once. Every rank of the TP and PP groups must consume the iterator in step."""
+    """``(hf_name, full tensor)`` pairs of the whole model, on every rank, gathered one bucket
+    at a time (see :func:`hf_weight_buckets`). Every rank of the TP and PP groups must consume
+    the iterator in step."""
+    for bucket in hf_weight_buckets(chunks, arch, bucket_bytes=bucket_bytes):
+        yield from bucket
+
+
+@torch.no_grad()
+def hf_weight_buckets(chunks, arch: HFArchitecture, *, bucket_bytes: int = 256 << 20) -> Iterator[list]:
+    """Lists of ``(hf_name, full tensor)`` of at most ``bucket_bytes`` each, or one tensor
+    when a tensor is larger: each parameter is gathered over its TP group and broadcast from
+    the pipeline stage that holds it, so no rank materialises the whole model at once."""
     from megatron.core import parallel_state
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -94,9 +101,11 @@ def export_hf_weights(chunks, arch: HFArchitecture, *, bucket_bytes: int = 256 <
             full = torch.empty(shape, dtype=dtype, device=device)
         if pp_world > 1:
             dist.broadcast(full, src=dist.get_global_rank(pp_group, owner), group=pp_group)
-        bucket.extend(megatron_to_hf(name, full, arch))
-        size += full.numel() * full.element_size()
-        if size >= bucket_bytes:
-            yield from bucket
+        nbytes = full.numel() * full.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
             bucket, size = [], 0
-    yield from bucket
+        bucket.extend(megatron_to_hf(name, full, arch))
+        size += nbytes
+    if bucket:
+        yield bucket

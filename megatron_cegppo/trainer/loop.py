@@ -86,18 +86,25 @@ class Trainer:
         model_parallel_cuda_manual_seed(cfg.trainer.seed)
         bf16 = cfg.model.dtype == "bfloat16"
         p = cfg.parallel
-        self.arch, self.tconfig, chunks, padded = build_gpt_from_hf(
-            read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
-            sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        )
+
+        def build():
+            # bf16: parameters and activations in bf16, fp32 master weights in the optimizer
+            # (build_optimizer), gradients reduced in fp32 (ddp_config below). No megatron
+            # Float16Module: the parameters are built in bf16 already, the inputs are token
+            # ids, and its one other effect, casting the last stage's output to fp32, would
+            # materialize [tokens, V/TP] fp32 logits, where the loss upcasts chunk by chunk.
+            return build_gpt_from_hf(
+                read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
+                sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                recompute=p.recompute,
+            )
+
+        self.arch, self.tconfig, chunks, padded = build()
         hf_state = read_hf_state(cfg.model.path)
         import_hf_weights(chunks, hf_state, self.arch, padded)
         self.reference = None
         if cfg.algorithm.kl_coeff > 0:  # the starting policy, frozen, for the KL term
-            _, _, self.reference, _ = build_gpt_from_hf(
-                read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
-                sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            )
+            _, _, self.reference, _ = build()
             import_hf_weights(self.reference, hf_state, self.arch, padded)
             for chunk in self.reference:
                 chunk.requires_grad_(False)

@@ -1,6 +1,5 @@
-"""Per-GPU memory of a run, estimated before submission. This part: parameters, gradients
-and the distributed optimizer's state per rank, counted the way megatron-core lays the model
-out (checked against megatron's own modules in tests)."""
+"""Parameters, gradients and the distributed optimizer's state per rank, counted the way
+megatron-core lays the model out (checked against megatron's own modules in tests)."""
 
 from __future__ import annotations
 
@@ -68,8 +67,9 @@ def training_state_bytes(numel: int, *, dp: int, bf16: bool, grad_fp32: bool = T
     ``grad_reduce_in_fp32``) and distributed-optimizer state (fp32 master copy for bf16 params,
     plus exp_avg and exp_avg_sq, each split over the data-parallel ranks)."""
     # megatron's distributed-optimizer buffer pads the end of a bucket to a multiple of
-    # lcm(128, DP) so that it splits evenly (one bucket assumed here: exact for models that
-    # fit one; a few hundred elements per extra bucket otherwise)
+    # lcm(128, DP) so that it splits evenly. Without overlap_grad_reduce (this project's DDP
+    # setting) megatron makes one bucket per dtype, so this is exact; with overlapped buckets
+    # it would add at most lcm(128, DP) elements per extra bucket.
     multiple = math.lcm(128, dp) if dp > 1 else 1
     per_shard = -(-numel // multiple) * multiple // dp
     optimizer = per_shard * 4 * (3 if bf16 else 2)

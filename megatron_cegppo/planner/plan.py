@@ -1,0 +1,187 @@
+"""The memory plan of a run: per-GPU bytes of the training phase (the fullest pipeline stage)
+and of the generation phase, from a :class:`Config` and the model's HF architecture."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+from megatron_cegppo.config.schema import Config
+from megatron_cegppo.models.hf_config import HFArchitecture, padded_vocab_size
+from megatron_cegppo.planner.activations import (
+    RECOMPUTE_MODES,
+    TRANSFORMER_ENGINE,
+    LayerImplementation,
+    pipeline_in_flight,
+    stage_activation_bytes,
+)
+from megatron_cegppo.planner.generation import GenerationMemory, generation_memory
+from megatron_cegppo.planner.logprob import head_buffer_bytes
+from megatron_cegppo.planner.parameters import rank_parameters, training_state_bytes
+
+GIB = 1 << 30
+# CUDA context, NCCL's buffers and the caching allocator's fragmentation, per GPU
+RESERVED_BYTES = 4 * GIB
+
+
+def read_architecture(cfg: Config) -> HFArchitecture:
+    """The model's shape from ``model.architecture`` (an HF config.json), else from
+    ``<model.path>/config.json``; only the JSON is read, no weights."""
+    path = Path(cfg.model.architecture) if cfg.model.architecture else Path(cfg.model.path) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no model architecture at {path}: set model.architecture to an HF config.json "
+            "or model.path to a folder holding one"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    try:
+        return HFArchitecture.of(SimpleNamespace(**data))
+    except AttributeError as exc:
+        raise ValueError(f"{path} lacks a field the model needs: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """One GPU of a pipeline stage in the training phase."""
+
+    stage: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: dict  # recompute mode -> bytes of the stage's layers
+    head: int  # final norm, output layer and log-prob/entropy buffers (last stage)
+    reference: int  # the frozen reference model's weights (KL term)
+
+    def total(self, recompute: str) -> int:
+        return (self.params + self.grads + self.optimizer + self.activations[recompute] + self.head
+                + self.reference + RESERVED_BYTES)
+
+    @property
+    def resident(self) -> int:
+        """What stays on the GPU while vLLM generates."""
+        return self.params + self.grads + self.optimizer + self.reference
+
+
+@dataclass(frozen=True)
+class Plan:
+    arch: HFArchitecture
+    nodes: int
+    gpus_per_node: int
+    gpu_memory: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: Optional[int]
+    rollout_tp: int
+    sequence_parallel: bool
+    recompute: str
+    logprob_impl: str
+    micro_batch: int
+    seq_len: int
+    num_microbatches: int
+    stages: list = field(default_factory=list)
+    generation: Optional[GenerationMemory] = None
+    weight_bucket_bytes: int = 0
+    problems: list = field(default_factory=list)  # layout problems found while planning
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def training_stage(self) -> StageMemory:
+        """The stage that needs the most memory."""
+        return max(self.stages, key=lambda s: s.total(self.recompute))
+
+    @property
+    def training_total(self) -> int:
+        return self.training_stage.total(self.recompute)
+
+    @property
+    def generation_total(self) -> int:
+        resident = max(s.resident for s in self.stages)
+        # weight sync gathers one bucket per rank beside both copies of the weights
+        return resident + self.generation.budget + 2 * self.weight_bucket_bytes + RESERVED_BYTES
+
+    @property
+    def fits(self) -> bool:
+        return (not self.problems and self.training_total <= self.gpu_memory
+                and self.generation_total <= self.gpu_memory and self.generation.concurrent_sequences >= 1)
+
+
+def total_parameters(arch: HFArchitecture) -> int:
+    """Parameters of the unpadded model (what the model card states)."""
+    one = rank_parameters(arch, tp=1, pp=1, stage=0, vocab_divisible_by=1)
+    return one.total
+
+
+def layout_problems(cfg: Config, arch: HFArchitecture, world_size: int) -> list[str]:
+    """What of the model's shape the layout cannot split, one message each."""
+    p, r = cfg.parallel, cfg.rollout
+    tp, pp, vpp = p.tensor, p.pipeline, p.virtual_pipeline or 1
+    out = []
+    if world_size % (tp * pp):
+        out.append(f"{world_size} GPUs do not split into tensor {tp} x pipeline {pp}")
+    if arch.num_layers % (pp * vpp):
+        out.append(f"{arch.num_layers} layers do not split over pipeline {pp} x virtual pipeline {vpp}")
+    if arch.num_heads % tp or arch.num_kv_heads % tp:
+        out.append(f"parallel.tensor {tp} does not divide the {arch.num_heads} attention heads and "
+                   f"{arch.num_kv_heads} key/value heads")
+    if arch.num_heads % r.tensor_parallel:
+        out.append(f"rollout.tensor_parallel {r.tensor_parallel} does not divide the {arch.num_heads} attention heads")
+    if world_size % r.tensor_parallel:
+        out.append(f"{world_size} GPUs do not split into vLLM engines of rollout.tensor_parallel {r.tensor_parallel}")
+    if r.max_model_len > arch.max_position_embeddings:
+        out.append(f"rollout.max_model_len {r.max_model_len} exceeds the model's max_position_embeddings "
+                   f"{arch.max_position_embeddings}")
+    return out
+
+
+def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
+              impl: LayerImplementation = TRANSFORMER_ENGINE) -> Plan:
+    """Per-GPU memory of ``cfg`` on ``nodes`` nodes (default: ``cluster.nodes``)."""
+    p, a, r, c = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.cluster
+    nodes = nodes or c.nodes
+    world = nodes * max(1, c.gpus_per_node)
+    tp, pp = p.tensor, p.pipeline
+    problems = layout_problems(cfg, arch, world)
+    dp = max(1, world // (tp * pp))
+    per_rank = a.prompts_per_step * r.n // a.minibatches // dp
+    num_microbatches = max(1, per_rank // a.micro_batch_size)
+    bf16 = cfg.model.dtype == "bfloat16"
+    e = 2 if bf16 else 4
+    seq, mbs = r.max_model_len, a.micro_batch_size
+    padded = padded_vocab_size(arch.vocab_size, tp)
+    layers = arch.num_layers // pp if arch.num_layers % pp == 0 else -(-arch.num_layers // pp)
+    stages = []
+    for stage in range(pp):
+        params = rank_parameters(arch, tp=tp, pp=pp, stage=stage) if not arch.num_layers % pp else \
+            rank_parameters(arch, tp=tp, pp=1, stage=0)
+        state = training_state_bytes(params.total, dp=dp, bf16=bf16)
+        in_flight = pipeline_in_flight(pp, p.virtual_pipeline, num_microbatches, stage)
+        acts = {mode: stage_activation_bytes(arch, layers=layers, seq_len=seq, micro_batch=mbs, tp=tp,
+                                             sequence_parallel=p.sequence_parallel, recompute=mode,
+                                             in_flight=in_flight, dtype_bytes=e, impl=impl)
+                for mode in RECOMPUTE_MODES}
+        head = 0
+        if stage == pp - 1:
+            head = head_buffer_bytes(tokens=seq * mbs, hidden=arch.hidden_size, padded_vocab=padded, tp=tp,
+                                     sequence_parallel=p.sequence_parallel, logprob_impl=cfg.model.logprob_impl,
+                                     dtype_bytes=e).peak
+        reference = params.total * e if a.kl_coeff > 0 else 0
+        stages.append(StageMemory(stage=stage, params=state.params, grads=state.grads, optimizer=state.optimizer,
+                                  activations=acts, head=head, reference=reference))
+    gen = generation_memory(arch, rollout_tp=r.tensor_parallel, world_size=world, gpu_memory=int(c.gpu_memory_gib * GIB),
+                            gpu_memory_utilization=r.gpu_memory_utilization, prompts_per_step=a.prompts_per_step,
+                            n=r.n, max_model_len=r.max_model_len)
+    return Plan(arch=arch, nodes=nodes, gpus_per_node=c.gpus_per_node, gpu_memory=int(c.gpu_memory_gib * GIB),
+                tp=tp, pp=pp, dp=dp, vpp=p.virtual_pipeline, rollout_tp=r.tensor_parallel, sequence_parallel=p.sequence_parallel,
+                recompute=p.recompute, logprob_impl=cfg.model.logprob_impl, micro_batch=mbs, seq_len=seq,
+                num_microbatches=num_microbatches, stages=stages, generation=gen,
+                weight_bucket_bytes=r.weight_bucket_bytes, problems=problems)
