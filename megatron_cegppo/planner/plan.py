@@ -156,7 +156,8 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
     num_microbatches = max(1, per_rank // a.micro_batch_size)
     bf16 = cfg.model.dtype == "bfloat16"
     e = 2 if bf16 else 4
-    seq, mbs = r.max_model_len, a.micro_batch_size
+    # the trainer pads a mini-batch to its longest sequence, rounded up to a multiple of 8 x TP
+    seq, mbs = -(-r.max_model_len // (8 * tp)) * 8 * tp, a.micro_batch_size
     padded = padded_vocab_size(arch.vocab_size, tp)
     layers = arch.num_layers // pp if arch.num_layers % pp == 0 else -(-arch.num_layers // pp)
     stages = []

@@ -97,3 +97,9 @@ def test_shape_problems_are_named():
     assert any("parallel.tensor 16 does not divide the 40 attention heads" in p for p in found)
     assert any("exceeds the model's max_position_embeddings 32768" in p for p in found)
     assert any("32 GPUs do not split into tensor 16 x pipeline 3" in p for p in found)
+
+
+def test_plan_uses_the_trainers_padded_sequence_length():
+    cfg = load("qwen2p5_32b")
+    cfg.rollout.max_model_len = 17000  # the trainer pads to a multiple of 8 x TP = 64
+    assert make_plan(cfg, read_architecture(cfg)).seq_len == 17024
