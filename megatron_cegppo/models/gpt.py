@@ -39,6 +39,7 @@ def build_gpt_model_chunks(
     max_sequence_length: int,
     share_embeddings_and_output_weights: bool = False,
     rotary_base: int = 10000,
+    rope_scaling_factor: Optional[float] = None,
     layer_spec=None,
 ) -> list[torch.nn.Module]:
     """One ``GPTModel`` per virtual pipeline stage held by this rank (a list of one without
@@ -63,6 +64,8 @@ def build_gpt_model_chunks(
                 share_embeddings_and_output_weights=share_embeddings_and_output_weights,
                 position_embedding_type="rope",
                 rotary_base=rotary_base,
+                rope_scaling=rope_scaling_factor is not None,
+                rope_scaling_factor=rope_scaling_factor or 8.0,
                 vp_stage=stage,
             )
         )
@@ -105,5 +108,6 @@ def build_gpt_from_hf(hf_config, *, tp: int, pp: int, vpp: Optional[int] = None,
     chunks = build_gpt_model_chunks(
         config, vocab_size=padded, max_sequence_length=arch.max_position_embeddings,
         share_embeddings_and_output_weights=arch.tie_word_embeddings, rotary_base=arch.rope_theta,
+        rope_scaling_factor=arch.rope_scaling_factor,
     )
     return arch, config, chunks, padded

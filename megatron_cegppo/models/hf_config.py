@@ -29,6 +29,7 @@ class HFArchitecture:
     max_position_embeddings: int
     qkv_bias: bool
     tie_word_embeddings: bool
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x frequency scaling; None: none
 
     @classmethod
     def of(cls, hf_config: Any) -> "HFArchitecture":
@@ -37,10 +38,13 @@ class HFArchitecture:
             raise ValueError(
                 f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}"
             )
-        rope = getattr(hf_config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} (rope scaling) is not supported yet")
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = _llama3_rope_factor(rope)
+        elif rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
         theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
         if theta is None:
             raise ValueError("the HF config gives no rope_theta")
@@ -63,7 +67,23 @@ class HFArchitecture:
             max_position_embeddings=hf_config.max_position_embeddings,
             qkv_bias=qkv_bias,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            rope_scaling_factor=scaling,
         )
+
+
+# Llama 3.x frequency scaling as megatron-core implements it
+# (``RotaryEmbedding._apply_scaling``): only the factor is configurable there
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_rope_factor(rope: dict) -> float:
+    for key, expected in _LLAMA3_FIXED.items():
+        if float(rope.get(key, expected)) != expected:
+            raise ValueError(f"llama3 rope scaling with {key}={rope[key]} is not supported: megatron-core "
+                             f"fixes it at {expected:g}")
+    if "factor" not in rope:
+        raise ValueError("llama3 rope scaling without a factor")
+    return float(rope["factor"])
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

@@ -1,5 +1,6 @@
-"""Megatron GPTModels imported from HF Qwen2 / Llama folders compute HF transformers' logits
-(fp32, <= 1e-4) at TP1, TP2 and PP2, and exporting them back gives every HF tensor exactly."""
+"""Megatron GPTModels imported from HF Qwen2 / Llama folders (Llama also with Llama 3.x rope
+scaling) compute HF transformers' logits (fp32, <= 1e-4) at TP1, TP2 and PP2, and exporting
+them back gives every HF tensor exactly."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from megatron_cegppo.testing.multiprocess import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-MODELS = [("qwen2", False), ("llama", False), ("qwen2", True)]
+MODELS = [("qwen2", False, "default"), ("llama", False, "default"), ("qwen2", True, "default"),
+          ("llama", False, "llama3")]
+# Llama 3.x scaling changes the frequencies whose wavelength exceeds 8192 / 4 positions: a large
+# theta puts some in each of its three regimes, and long sequences make the change visible
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def save_tiny_hf(folder, model_type, tied):
+def save_tiny_hf(folder, model_type, tied, rope_type="default"):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cls_config, cls_model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -21,15 +27,19 @@ def save_tiny_hf(folder, model_type, tied):
     config = cls_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         num_hidden_layers=4, intermediate_size=96, vocab_size=100, rms_norm_eps=1e-6,
                         max_position_embeddings=64, tie_word_embeddings=tied,
-                        rope_parameters={"rope_theta": 5000.0, "rope_type": "default"})
+                        rope_parameters=LLAMA3_ROPE if rope_type == "llama3" else
+                        {"rope_theta": 5000.0, "rope_type": "default"})
     torch.manual_seed(1)
     model = cls_model(config)
     with torch.no_grad():  # random biases/norms so that a mis-mapped tensor shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+            if rope_type == "llama3" and ("q_proj" in name or "k_proj" in name):
+                p.mul_(20)  # sharp attention, so that the positions' rotation shows in the logits
     model.save_pretrained(folder)
-    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    length = 60 if rope_type == "llama3" else 12
+    tokens = torch.randint(0, 100, (2, length), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = model(tokens).logits
     return tokens, logits, {k: v.clone() for k, v in model.state_dict().items()}
@@ -79,9 +89,9 @@ def worker(rank, world, folders, tp, pp):
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     made = {}
-    for model_type, tied in MODELS:
-        folder = tmp_path_factory.mktemp(f"{model_type}{'_tied' if tied else ''}")
-        made[(model_type, tied)] = (str(folder), *save_tiny_hf(folder, model_type, tied))
+    for model_type, tied, rope_type in MODELS:
+        folder = tmp_path_factory.mktemp(f"{model_type}{'_tied' if tied else ''}_{rope_type}")
+        made[(model_type, tied, rope_type)] = (str(folder), *save_tiny_hf(folder, model_type, tied, rope_type))
     return made
 
 

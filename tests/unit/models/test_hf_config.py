@@ -1,4 +1,5 @@
-"""``transformer_config_from_hf``: activation recomputation and bf16 settings."""
+"""``transformer_config_from_hf``: activation recomputation and bf16 settings; the rope scaling
+``HFArchitecture`` reads."""
 
 from __future__ import annotations
 
@@ -43,3 +44,31 @@ def test_bf16_params_and_pipeline_dtype(arch):
     config = transformer_config_from_hf(arch, params_dtype=torch.bfloat16)
     assert config.bf16 and config.params_dtype == config.pipeline_dtype == torch.bfloat16
     assert not transformer_config_from_hf(arch).bf16
+
+
+def _llama(rope):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                       intermediate_size=96, vocab_size=100, max_position_embeddings=131072, rope_parameters=rope)
+
+
+LLAMA31 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_scaling_is_read():
+    arch = HFArchitecture.of(_llama(LLAMA31))
+    assert arch.rope_scaling_factor == 8.0 and arch.rope_theta == 500000.0
+    assert HFArchitecture.of(_llama({"rope_type": "default", "rope_theta": 1e4})).rope_scaling_factor is None
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({**LLAMA31, "high_freq_factor": 2.0}, "high_freq_factor=2.0 is not supported"),
+    ({**LLAMA31, "original_max_position_embeddings": 4096}, "original_max_position_embeddings=4096"),
+    ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 4096},
+     "rope_type 'yarn' is not supported"),
+])
+def test_unsupported_rope_scaling_is_named(rope, match):
+    with pytest.raises(ValueError, match=match):
+        HFArchitecture.of(_llama(rope))

@@ -30,7 +30,7 @@ def test_nodes_change_the_data_parallel_size(capsys):
 
 
 def test_does_not_fit_exits_1(capsys):
-    assert main(["plan", "--config", "configs/llama3_70b.yaml", "--nodes", "4", "parallel.pipeline=2"]) == 1
+    assert main(["plan", "--config", "configs/llama3p1_70b.yaml", "--nodes", "4", "parallel.pipeline=2"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
@@ -52,7 +52,7 @@ def test_validate_names_shape_problems(capsys):
 
 
 @pytest.mark.parametrize("name", ["deepseek_r1_distill_qwen_1p5b", "deepseek_r1_distill_qwen_7b", "qwen2p5_32b",
-                                  "llama3_70b"])
+                                  "llama3p1_70b"])
 def test_readme_shows_the_current_plan(name, capsys):
     from megatron_cegppo.config import load_config
     from megatron_cegppo.planner import make_plan, read_architecture
@@ -67,7 +67,7 @@ def test_readme_shows_the_current_plan(name, capsys):
 
 
 def test_submit_refuses_a_config_that_does_not_fit(tmp_path, capsys):
-    args = ["submit", "--config", "configs/llama3_70b.yaml", "--nodes", "4", "--dry-run",
+    args = ["submit", "--config", "configs/llama3p1_70b.yaml", "--nodes", "4", "--dry-run",
             "parallel.pipeline=2", f"trainer.run_dir={tmp_path}/run"]
     assert main(args) == 1
     captured = capsys.readouterr()

@@ -15,10 +15,10 @@ from megatron_cegppo.planner import kv_cache_bytes_per_token, make_plan, read_ar
 from megatron_cegppo.planner.plan import layout_problems
 
 ROOT = Path(__file__).resolve().parents[3]
-GPU_CONFIGS = ["deepseek_r1_distill_qwen_1p5b", "deepseek_r1_distill_qwen_7b", "qwen2p5_32b", "llama3_70b"]
+GPU_CONFIGS = ["deepseek_r1_distill_qwen_1p5b", "deepseek_r1_distill_qwen_7b", "qwen2p5_32b", "llama3p1_70b"]
 # parameters as the model cards state them (billions, rounded)
 CARD_PARAMETERS = {"deepseek_r1_distill_qwen_1p5b": 1.78, "deepseek_r1_distill_qwen_7b": 7.62,
-                   "qwen2p5_32b": 32.76, "llama3_70b": 70.55}
+                   "qwen2p5_32b": 32.76, "llama3p1_70b": 70.55}
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +83,7 @@ def test_kv_cache_per_token_of_a_32b_model():
 
 
 def test_a_layout_that_does_not_fit_is_reported():
-    cfg = load("llama3_70b")
+    cfg = load("llama3p1_70b")
     cfg.parallel.pipeline = 2  # half the stages: twice the weights per GPU
     plan = make_plan(cfg, read_architecture(cfg), nodes=4)
     assert not plan.fits and plan.generation_total > plan.gpu_memory
