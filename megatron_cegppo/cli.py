@@ -65,10 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{args.config}: valid")
             return 0
         if args.command in ("submit", "plan"):
-            args.nodes = args.nodes or cfg.cluster.nodes
-            if args.command == "submit" and args.gpus_per_node is None:
-                args.gpus_per_node = cfg.cluster.gpus_per_node
-            world = args.nodes * max(1, cfg.cluster.gpus_per_node if args.command == "plan" else args.gpus_per_node)
+            # the command line overrides the config's cluster section, which the plan reads
+            if args.nodes is not None:
+                cfg.cluster.nodes = args.nodes
+            if getattr(args, "gpus_per_node", None) is not None:
+                cfg.cluster.gpus_per_node = args.gpus_per_node
+            world = cfg.cluster.nodes * max(1, cfg.cluster.gpus_per_node)
         if args.command == "eval":
             if args.model:
                 cfg.model.path = args.model
@@ -91,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not _preflight(cfg, args):
             return 1
         script = render_sbatch(config=args.config, overrides=args.overrides, run_dir=cfg.trainer.run_dir,
-                               nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+                               nodes=cfg.cluster.nodes, gpus_per_node=cfg.cluster.gpus_per_node, time=args.time,
                                partition=args.partition, signal_seconds=args.signal_seconds,
                                cpus_per_task=args.cpus_per_task)
         (Path(cfg.trainer.run_dir) / "logs").mkdir(parents=True, exist_ok=True)  # slurmd opens --output there
@@ -109,23 +111,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _preflight(cfg, args) -> bool:
-    """Before a GPU job waits in the queue: the model's shape against the layout, and the
-    memory plan (when the architecture can be read without the weights)."""
+def _architecture(cfg, required: bool):
+    """``(arch, error)``: the model's shape, read without the weights. Not ``required``, a
+    config that names no architecture and no folder with a config.json gives ``(None, None)``."""
     from pathlib import Path
 
-    if args.gpus_per_node == 0 or (not cfg.model.architecture and not (Path(cfg.model.path) / "config.json").is_file()):
-        return True  # CPU clusters, or nothing to plan from
-    from megatron_cegppo.planner import format_plan, make_plan, read_architecture
+    from megatron_cegppo.planner.plan import read_architecture
+
+    if not required and not cfg.model.architecture and not (Path(cfg.model.path) / "config.json").is_file():
+        return None, None
+    try:
+        return read_architecture(cfg), None
+    except (FileNotFoundError, ValueError) as exc:
+        return None, str(exc)
+
+
+def _preflight(cfg, args) -> bool:
+    """Before a GPU job waits in the queue: the memory plan, which also names layout
+    problems (when the architecture can be read without the weights)."""
+    if cfg.cluster.gpus_per_node == 0:
+        return True  # CPU clusters
+    arch, error = _architecture(cfg, required=False)
+    if error:
+        print(f"megatron-cegppo: {error}", file=sys.stderr)
+        return False
+    if arch is None:
+        return True  # nothing to plan from
+    from megatron_cegppo.planner import format_plan, make_plan
     from megatron_cegppo.planner.plan import GIB
 
-    try:
-        arch = read_architecture(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"megatron-cegppo: {exc}", file=sys.stderr)
-        return False
-    cfg.cluster.gpus_per_node = args.gpus_per_node
-    plan = make_plan(cfg, arch, nodes=args.nodes)
+    plan = make_plan(cfg, arch)
     if not plan.fits and not args.force:
         print(format_plan(plan, title=args.config))
         print("megatron-cegppo: not submitted: the plan above does not fit (--force submits anyway)", file=sys.stderr)
@@ -138,30 +153,27 @@ def _preflight(cfg, args) -> bool:
 def _shape_problems(cfg, world_size: Optional[int]) -> list:
     """Layout vs the model's shape, when the architecture can be read without the weights."""
     import math
-    from pathlib import Path
 
-    if not cfg.model.architecture and not (Path(cfg.model.path) / "config.json").is_file():
+    arch, error = _architecture(cfg, required=False)
+    if error:
+        return [error]
+    if arch is None:
         return []
-    from megatron_cegppo.planner.plan import layout_problems, read_architecture
+    from megatron_cegppo.planner.plan import layout_problems
 
-    try:
-        arch = read_architecture(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        return [str(exc)]
     world = world_size or math.lcm(cfg.parallel.tensor * cfg.parallel.pipeline, cfg.rollout.tensor_parallel)
     return layout_problems(cfg, arch, world)
 
 
 def _plan(cfg, args) -> int:
     """Prints the memory plan; exit status 0 when it fits, 1 when it does not, 2 on bad input."""
-    from megatron_cegppo.planner import format_plan, make_plan, read_architecture
+    from megatron_cegppo.planner import format_plan, make_plan
 
-    try:
-        arch = read_architecture(cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"megatron-cegppo: {exc}", file=sys.stderr)
+    arch, error = _architecture(cfg, required=True)
+    if error:
+        print(f"megatron-cegppo: {error}", file=sys.stderr)
         return 2
-    plan = make_plan(cfg, arch, nodes=args.nodes)
+    plan = make_plan(cfg, arch)
     print(format_plan(plan, title=args.config))
     return 0 if plan.fits else 1
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
 
 @dataclass
 class ModelConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_cegppo.config.loader import ConfigError
-from megatron_cegppo.config.schema import Config
+from megatron_cegppo.config.schema import RECOMPUTE_MODES, Config
 
 _LOSSES = ("cegppo", "ppo", "cispo", "gspo")
 _AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -28,7 +28,7 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
     need(p.virtual_pipeline is None or (p.virtual_pipeline >= 2 and p.pipeline >= 2),
          "parallel.virtual_pipeline needs parallel.pipeline >= 2 and is >= 2 when set")
-    need(p.recompute in ("none", "selective", "full"),
+    need(p.recompute in RECOMPUTE_MODES,
          f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
     need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
     if world_size is not None and p.tensor >= 1 and p.pipeline >= 1:

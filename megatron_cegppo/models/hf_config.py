@@ -8,8 +8,9 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_cegppo.config.schema import RECOMPUTE_MODES
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)

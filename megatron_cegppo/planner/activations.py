@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_cegppo.models.hf_config import RECOMPUTE_MODES, HFArchitecture
+from megatron_cegppo.config.schema import RECOMPUTE_MODES
+from megatron_cegppo.models.hf_config import HFArchitecture
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,11 @@ def layer_activation_bytes(arch: HFArchitecture, *, seq_len: int, micro_batch: i
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
     e, n, s, b, h = dtype_bytes, seq_len * micro_batch, seq_len, micro_batch, arch.hidden_size
-    q = arch.num_heads * arch.head_dim
+    q, kv_heads = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     # unfused attention repeats K and V to every query head inside core attention, which
     # selective recomputation recomputes: then only the unrepeated inputs are kept
-    kv = q if impl.expands_kv and recompute != "selective" else arch.num_kv_heads * arch.head_dim
+    repeats_kv = impl.expands_kv and recompute != "selective"
+    kv = q if repeats_kv else kv_heads
     a, f = arch.num_heads, arch.ffn_hidden_size
 
     # split by sequence parallelism, replicated over TP ranks without it
@@ -82,12 +84,10 @@ def layer_activation_bytes(arch: HFArchitecture, *, seq_len: int, micro_batch: i
 
     # split by tensor parallelism
     query_key = e * n * (q + kv)  # inputs of Q K^T, after the rotary embedding
-    if impl.expands_kv and recompute != "selective":
-        value = e * n * kv  # the repeated copy of V, not a view
-    elif impl.value_views_qkv:
-        value = e * n * (q + 2 * arch.num_kv_heads * arch.head_dim)
+    if impl.value_views_qkv and not repeats_kv:
+        value = e * n * (q + 2 * kv_heads)
     else:
-        value = e * n * kv
+        value = e * n * kv  # V alone, or its repeated copy (not a view)
     proj_input = e * n * q
     if impl.gelu_mlp:
         mlp = 2 * e * n * f  # GeLU input and fc2 input

@@ -11,8 +11,8 @@ from typing import Optional
 
 from megatron_cegppo.config.schema import Config
 from megatron_cegppo.models.hf_config import HFArchitecture, padded_vocab_size
+from megatron_cegppo.config.schema import RECOMPUTE_MODES
 from megatron_cegppo.planner.activations import (
-    RECOMPUTE_MODES,
     TRANSFORMER_ENGINE,
     LayerImplementation,
     pipeline_in_flight,
@@ -104,10 +104,14 @@ class Plan:
         return self.training_stage.total(self.recompute)
 
     @property
+    def resident(self) -> int:
+        """The training state that stays on a GPU while vLLM generates (the fullest stage)."""
+        return max(s.resident for s in self.stages)
+
+    @property
     def generation_total(self) -> int:
-        resident = max(s.resident for s in self.stages)
         # weight sync gathers one bucket per rank beside both copies of the weights
-        return resident + self.generation.budget + 2 * self.weight_bucket_bytes + RESERVED_BYTES
+        return self.resident + self.generation.budget + 2 * self.weight_bucket_bytes + RESERVED_BYTES
 
     @property
     def fits(self) -> bool:
@@ -159,7 +163,7 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
     # the trainer pads a mini-batch to its longest sequence, rounded up to a multiple of 8 x TP
     seq, mbs = -(-r.max_model_len // (8 * tp)) * 8 * tp, a.micro_batch_size
     padded = padded_vocab_size(arch.vocab_size, tp)
-    layers = arch.num_layers // pp if arch.num_layers % pp == 0 else -(-arch.num_layers // pp)
+    layers = -(-arch.num_layers // pp)  # the fullest stage's, also when they do not divide
     stages = []
     for stage in range(pp):
         params = rank_parameters(arch, tp=tp, pp=pp, stage=stage) if not arch.num_layers % pp else \

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_cegppo.planner.activations import RECOMPUTE_MODES
+from megatron_cegppo.config.schema import RECOMPUTE_MODES
 from megatron_cegppo.planner.plan import GIB, RESERVED_BYTES, Plan, total_parameters
 
 
@@ -47,7 +47,6 @@ def format_plan(plan: Plan, title: str = "") -> str:
     ]
     for problem in plan.problems:
         lines.append(f"LAYOUT PROBLEM: {problem}")
-    resident = max(x.resident for x in plan.stages)
     lines += ["", _header(f"training phase, pipeline stage {s.stage} of {plan.pp} (the fullest)"),
               _row(f"parameters ({dtype})", s.params),
               _row("gradients (fp32)", s.grads),
@@ -66,7 +65,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
                           last.total(plan.recompute)))
     lines += [
               "", _header("generation phase (vLLM awake, training state resident)"),
-              _row("training state (params, grads, optimizer)", resident),
+              _row("training state (params, grads, optimizer)", plan.resident),
               _row(f"vLLM share (gpu_memory_utilization {g.budget / plan.gpu_memory:.2f})", g.budget),
               _row("  of which weights", g.weights),
               _row("  of which workspace (activations, CUDA graphs)", g.workspace),

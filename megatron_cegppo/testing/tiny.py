@@ -52,3 +52,26 @@ def save_tiny_task_model(folder) -> None:
     torch.manual_seed(0)
     Qwen2ForCausalLM(tiny_qwen2_config(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def prepare_tiny_run(folder, prompts: int = 64, seed: int = 1) -> list[str]:
+    """An untrained tiny task model and a prompt file in ``folder``, and the overrides that
+    point ``configs/tiny_cpu.yaml`` at them."""
+    from pathlib import Path
+
+    from megatron_cegppo.demo.prepare import write_prompts
+
+    folder = Path(folder)
+    save_tiny_task_model(folder / "model")
+    write_prompts(folder / "prompts.jsonl", prompts, seed=seed)
+    return [f"model.path={folder / 'model'}", f"data.train_path={folder / 'prompts.jsonl'}"]
+
+
+def fit_tiny_trainer(overrides, world: int):
+    """``(trainer, history)``: a Trainer of ``configs/tiny_cpu.yaml`` with ``overrides``, after
+    ``fit()`` (call it on every rank)."""
+    from megatron_cegppo.config import load_config, validate
+    from megatron_cegppo.trainer.loop import Trainer
+
+    trainer = Trainer(validate(load_config("configs/tiny_cpu.yaml", overrides), world))
+    return trainer, trainer.fit()

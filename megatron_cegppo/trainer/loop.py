@@ -86,6 +86,7 @@ class Trainer:
         model_parallel_cuda_manual_seed(cfg.trainer.seed)
         bf16 = cfg.model.dtype == "bfloat16"
         p = cfg.parallel
+        hf_config = read_hf_config(cfg.model.path)
 
         def build():
             # bf16: parameters and activations in bf16, fp32 master weights in the optimizer
@@ -94,7 +95,7 @@ class Trainer:
             # ids, and its one other effect, casting the last stage's output to fp32, would
             # materialize [tokens, V/TP] fp32 logits, where the loss upcasts chunk by chunk.
             return build_gpt_from_hf(
-                read_hf_config(cfg.model.path), tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
+                hf_config, tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline,
                 sequence_parallel=p.sequence_parallel, params_dtype=torch.bfloat16 if bf16 else torch.float32,
                 recompute=p.recompute,
             )

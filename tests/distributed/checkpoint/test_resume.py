@@ -9,7 +9,7 @@ import torch
 
 from megatron_cegppo.rewards.registry import register_reward
 from megatron_cegppo.testing.multiprocess import run_distributed
-from megatron_cegppo.testing.tiny import save_tiny_task_model
+from megatron_cegppo.testing.tiny import fit_tiny_trainer, prepare_tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -22,12 +22,9 @@ def contains_7(response: str, answer: str) -> float:
 
 
 def worker(rank, world, overrides):
-    from megatron_cegppo.config import load_config, validate
     from megatron_cegppo.models import export_hf_weights
-    from megatron_cegppo.trainer.loop import Trainer
 
-    trainer = Trainer(validate(load_config("configs/tiny_cpu.yaml", overrides), world))
-    history = trainer.fit()
+    trainer, history = fit_tiny_trainer(overrides, world)
     final = dict(export_hf_weights(trainer.model, trainer.arch))
     return trainer.start_step, history, final if rank == 0 else None
 
@@ -38,14 +35,10 @@ def _deterministic(metrics):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from megatron_cegppo.demo.prepare import write_prompts
-
     tmp = tmp_path_factory.mktemp("resume")
-    save_tiny_task_model(tmp / "model")
-    write_prompts(tmp / "prompts.jsonl", 64, seed=1)
-    common = [f"model.path={tmp / 'model'}", f"data.train_path={tmp / 'prompts.jsonl'}",
-              "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=8", "rollout.n=4",
-              "reward.name=test_resume_contains_7", "optim.warmup_steps=2"]
+    common = prepare_tiny_run(tmp) + [
+        "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=8", "rollout.n=4",
+        "reward.name=test_resume_contains_7", "optim.warmup_steps=2"]
     whole = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / 'whole'}", "trainer.steps=4"])
     return tmp, common, whole
 

@@ -15,7 +15,7 @@ import torch
 
 from megatron_cegppo.rewards.registry import register_reward
 from megatron_cegppo.testing.multiprocess import run_distributed
-from megatron_cegppo.testing.tiny import save_tiny_task_model
+from megatron_cegppo.testing.tiny import fit_tiny_trainer, prepare_tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -221,11 +221,7 @@ def contains_5(response: str, answer: str) -> float:
 
 
 def trainer_worker(rank, world, overrides):
-    from megatron_cegppo.config import load_config, validate
-    from megatron_cegppo.trainer.loop import Trainer
-
-    trainer = Trainer(validate(load_config("configs/tiny_cpu.yaml", overrides), world))
-    history = trainer.fit()
+    trainer, history = fit_tiny_trainer(overrides, world)
     (opt,) = trainer.optimizer.chained_optimizers
     return dict(
         history=history,
@@ -239,15 +235,11 @@ def trainer_worker(rank, world, overrides):
 def test_trainer_bf16_with_full_recompute(tmp_path):
     """The Trainer wires ``model.dtype=bfloat16`` and ``parallel.recompute`` into the policy and
     the reference model, and trains: TP2, 2 steps, weights pushed to a bf16 vLLM engine."""
-    from megatron_cegppo.demo.prepare import write_prompts
-
-    save_tiny_task_model(tmp_path / "model")
-    write_prompts(tmp_path / "prompts.jsonl", 64, seed=1)
-    overrides = [f"model.path={tmp_path / 'model'}", f"data.train_path={tmp_path / 'prompts.jsonl'}",
-                 f"trainer.run_dir={tmp_path / 'run'}", "trainer.steps=2", "algorithm.prompts_per_step=8",
-                 "algorithm.micro_batch_size=8", "rollout.n=4", "algorithm.max_sampling_rounds=1",
-                 "reward.name=test_bf16_contains_5", "algorithm.kl_coeff=0.01",
-                 "model.dtype=bfloat16", "parallel.recompute=full"]
+    overrides = prepare_tiny_run(tmp_path) + [
+        f"trainer.run_dir={tmp_path / 'run'}", "trainer.steps=2", "algorithm.prompts_per_step=8",
+        "algorithm.micro_batch_size=8", "rollout.n=4", "algorithm.max_sampling_rounds=1",
+        "reward.name=test_bf16_contains_5", "algorithm.kl_coeff=0.01",
+        "model.dtype=bfloat16", "parallel.recompute=full"]
     out = run_distributed(trainer_worker, 2, overrides, timeout=300)[0]
     assert out["recompute"] == {"full"}
     assert out["param_dtypes"] == {torch.bfloat16}

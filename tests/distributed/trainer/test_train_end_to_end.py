@@ -13,7 +13,7 @@ import torch
 
 from megatron_cegppo.rewards.registry import register_reward
 from megatron_cegppo.testing.multiprocess import run_distributed
-from megatron_cegppo.testing.tiny import save_tiny_task_model
+from megatron_cegppo.testing.tiny import fit_tiny_trainer, prepare_tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -26,29 +26,22 @@ def contains_5(response: str, answer: str) -> float:
 
 
 def worker(rank, world, overrides):
-    from megatron_cegppo.config import load_config, validate
     from megatron_cegppo.models import export_hf_weights
-    from megatron_cegppo.trainer.loop import Trainer
 
-    cfg = validate(load_config("configs/tiny_cpu.yaml", overrides), world)
-    trainer = Trainer(cfg)
-    history = trainer.fit()
+    trainer, history = fit_tiny_trainer(overrides, world)
     final = dict(export_hf_weights(trainer.model, trainer.arch))
     return history, final if rank == 0 else None
 
 
 def test_short_training_run(tmp_path):
-    from megatron_cegppo.demo.prepare import write_prompts
     from megatron_cegppo.models import read_hf_state
 
     model = tmp_path / "model"
-    save_tiny_task_model(model)
-    write_prompts(tmp_path / "prompts.jsonl", 64, seed=1)
     run_dir = tmp_path / "run"
-    overrides = [f"model.path={model}", f"data.train_path={tmp_path / 'prompts.jsonl'}",
-                 f"trainer.run_dir={run_dir}", "trainer.steps=3", "algorithm.prompts_per_step=8",
-                 "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
-                 "reward.name=test_contains_5", "algorithm.kl_coeff=0.01"]
+    overrides = prepare_tiny_run(tmp_path) + [
+        f"trainer.run_dir={run_dir}", "trainer.steps=3", "algorithm.prompts_per_step=8",
+        "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
+        "reward.name=test_contains_5", "algorithm.kl_coeff=0.01"]
     ranks = run_distributed(worker, 2, overrides, timeout=600)
     history, final = ranks[0]
     assert len(history) == 3
