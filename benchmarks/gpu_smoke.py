@@ -137,20 +137,14 @@ def environment(device) -> dict:
 def init_distributed(device) -> None:
     """World size 1: NCCL on the GPU, gloo (and the CPU workarounds) on the CPU."""
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_cegppo.platform import init_platform, init_process_group
     from megatron_cegppo.testing.multiprocess import free_port
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
-
-        apply_cpu_compat()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    init_process_group(init_platform(device.type))
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
@@ -536,16 +530,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
 
 
-def write_markdown(path: str, env: dict, args, report: Report) -> None:
+def write_markdown(path: str, env: dict, args, report: Report, *, title: str = "GPU smoke check",
+                   script: str = "python benchmarks/gpu_smoke.py") -> None:
     lines = [
-        f"# GPU smoke check: {env['card']}", "",
+        f"# {title}: {env['card']}", "",
         f"- Date: {env['date']}",
         f"- Device: {env['device']} ({env['card']})",
         f"- torch {env['torch']} (CUDA {env['cuda']}), megatron-core {env['megatron_core']}, "
         f"Python {env['python']}",
         f"- transformer-engine: {'present' if env['transformer_engine'] else 'absent'}, "
         f"vLLM: {'present' if env['vllm'] else 'absent'}, apex: {'present' if env['apex'] else 'absent'}",
-        f"- Command: `python benchmarks/gpu_smoke.py {' '.join(args.argv)}`",
+        f"- Command: `{script} {' '.join(args.argv)}`",
         f"- Result: {'PASS' if report.passed else 'FAIL'} "
         f"({sum(ok for _, ok, _ in report.checks)}/{len(report.checks)} checks)", "",
         "## Checks", "",

@@ -9,12 +9,11 @@ the policy leaves the rollout policy over several epochs.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 
-from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat, disable_batched_p2p_on_gloo
+from megatron_cegppo.platform import init_platform, init_process_group
 
 VOCAB, PADDED_VOCAB, PROMPT, RESPONSE = 100, 128, 8, 24
 
@@ -30,6 +29,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     return p.parse_args()
 
 
@@ -66,15 +66,12 @@ def main() -> None:
     )
     from megatron_cegppo.testing.tiny import tiny_gpt_config
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    apply_cpu_compat()
+    platform = init_platform(args.device)
+    init_process_group(platform)
     parallel_state.initialize_model_parallel(args.tp, args.pp)
     model_parallel_cuda_manual_seed(args.seed)
     torch.manual_seed(args.seed)
     config = tiny_gpt_config(args.tp, args.pp)
-    disable_batched_p2p_on_gloo(config)
     config.finalize_model_grads_func = finalize_model_grads
     chunks = build_gpt_model_chunks(config, vocab_size=PADDED_VOCAB, max_sequence_length=PROMPT + RESPONSE)
     model = DistributedDataParallel(config, DistributedDataParallelConfig(), chunks[0])
@@ -84,7 +81,8 @@ def main() -> None:
     spec = PolicyLossSpec(loss="cegppo", loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta1=0.5, beta2=1.0,
                           clip_ratio_c=10.0), vocab_size=VOCAB, logprob_impl=args.logprob_impl)
     n_micro = args.minibatches * args.microbatches
-    data = synthetic_rollouts(n_micro, args.micro_batch_size, torch.Generator().manual_seed(args.seed))
+    # built on the CPU (the same on every rank), then placed where the model is
+    data = platform.place(synthetic_rollouts(n_micro, args.micro_batch_size, torch.Generator().manual_seed(args.seed)))
     common = dict(model=model, num_microbatches=n_micro, seq_length=PROMPT + RESPONSE,
                   micro_batch_size=args.micro_batch_size)
 

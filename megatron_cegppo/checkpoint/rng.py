@@ -9,6 +9,8 @@ import random
 import numpy as np
 import torch
 
+from megatron_cegppo.platform import current_platform
+
 
 def capture_rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -22,7 +24,7 @@ def capture_rng_state() -> dict:
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "megatron_tracker": dict(get_cuda_rng_tracker().get_states()),
     }
-    if torch.cuda.is_available():
+    if current_platform().is_cuda:
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -37,5 +39,5 @@ def restore_rng_state(state: dict) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
     get_cuda_rng_tracker().set_states(state["megatron_tracker"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and current_platform().is_cuda:
         torch.cuda.set_rng_state(state["cuda"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+DEVICE_SETTINGS = ("auto", "cuda", "cpu")
 
 
 @dataclass
@@ -104,6 +105,9 @@ class TrainerConfig:
     save_every: int = 0  # 0: only at the end and on a stop signal
     keep_checkpoints: int = 2
     resume_from: Optional[str] = None  # a step_* folder; default: the run directory's latest
+    # auto: CUDA where torch can use it, the CPU where the node has no NVIDIA GPU (a GPU node
+    # whose driver does not match the torch build is an error); cuda: a GPU or an error; cpu
+    device: str = "auto"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_cegppo.config.loader import ConfigError
-from megatron_cegppo.config.schema import RECOMPUTE_MODES, Config
+from megatron_cegppo.config.schema import DEVICE_SETTINGS, RECOMPUTE_MODES, Config
 
 _LOSSES = ("cegppo", "ppo", "cispo", "gspo")
 _AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -64,6 +64,7 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     need(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
     need(t.steps >= 1, "trainer.steps must be >= 1")
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+    need(t.device in DEVICE_SETTINGS, f"trainer.device must be one of {list(DEVICE_SETTINGS)}, got {t.device!r}")
     c = cfg.cluster
     need(c.nodes >= 1 and c.gpus_per_node >= 0 and c.gpu_memory_gib > 0,
          "cluster.nodes must be >= 1, cluster.gpus_per_node >= 0 and cluster.gpu_memory_gib > 0")

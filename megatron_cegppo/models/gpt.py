@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 
-
-def transformer_engine_usable() -> bool:
-    """Transformer-engine layers need CUDA and the package; checked without importing it."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+from megatron_cegppo.platform import current_platform
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -21,12 +17,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def gpt_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False, use_te: Optional[bool] = None):
-    """Transformer-engine's fused layer spec on a GPU that has it, megatron's local spec
-    (torch norms and linears) otherwise."""
+    """Transformer-engine's fused layer spec where the platform found it importable, megatron's
+    local spec (torch norms and linears) otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te is None:
-        use_te = transformer_engine_usable()
+        use_te = current_platform().layer_impl == "transformer_engine"
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
@@ -69,12 +65,13 @@ def build_gpt_model_chunks(
                 vp_stage=stage,
             )
         )
+    device = current_platform().device
     for chunk in chunks:
         _cast_params(chunk, config.params_dtype)
-        if torch.cuda.is_available():
+        if device.type != "cpu":
             # megatron's torch norms are built on the CPU whatever the config says (Megatron-LM's
             # training.get_model moves every chunk the same way)
-            chunk.cuda(torch.cuda.current_device())
+            chunk.to(device)
     return chunks
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -137,10 +136,10 @@ def transformer_config_from_hf(
             f"tensor-parallel size {tp} must divide the {arch.num_heads} attention heads and the "
             f"{arch.num_kv_heads} key/value heads"
         )
-    on_gpu = torch.cuda.is_available()
-    # megatron's fused masked softmax needs kernels built by apex / Megatron-LM; without them
-    # the local attention spec would fail on a GPU (transformer-engine's attention ignores it)
-    softmax_kernels = on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+    from megatron_cegppo.platform import current_platform
+
+    platform = current_platform()
+    fused = platform.fused_kernels
     kwargs = dict(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads,
@@ -149,13 +148,13 @@ def transformer_config_from_hf(
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias, hidden_dropout=0.0, attention_dropout=0.0,
         # fused kernels exist only on the GPU
-        bias_activation_fusion=on_gpu, masked_softmax_fusion=softmax_kernels, bias_dropout_fusion=on_gpu,
+        bias_activation_fusion=fused, masked_softmax_fusion=platform.fused_softmax, bias_dropout_fusion=fused,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        use_cpu_initialization=not on_gpu, params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        use_cpu_initialization=not platform.is_cuda, params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
-        batch_p2p_comm=False,
+        batch_p2p_comm=platform.batch_p2p_comm,
         **recompute_settings(recompute),
     )
     kwargs.update(overrides)

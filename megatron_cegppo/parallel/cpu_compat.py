@@ -1,8 +1,8 @@
 """Workarounds that let megatron-core 0.16 run on a machine without CUDA (torch CPU + gloo).
 
 Every patch here names the upstream function it stands in for. They are applied by
-:func:`apply_cpu_compat` only when CUDA is absent, so the same model, schedule and optimizer
-code runs natively on a GPU. ``tests/distributed/parallel/test_cpu_compat.py`` shows, for
+:func:`apply_cpu_compat`, which ``megatron_cegppo.platform`` calls only for a process that runs
+on the CPU, so the same model, schedule and optimizer code runs natively on a GPU. ``tests/distributed/parallel/test_cpu_compat.py`` shows, for
 each patch, that megatron fails without it and works with it.
 
 The one patch that is not about CUDA, :func:`allow_sequence_parallel_torch_norm`, is applied
@@ -245,10 +245,6 @@ def allow_sequence_parallel_torch_norm() -> None:
     _patch_once("sequence_parallel_torch_norm", patch)
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 _CPU_PATCHES = {
     "current_device": _patch_current_device,
     "synchronize": _patch_synchronize,
@@ -260,8 +256,8 @@ _CPU_PATCHES = {
 PATCH_NAMES = ("sequence_parallel_torch_norm",) + tuple(_CPU_PATCHES)
 
 
-def apply_cpu_compat(force: bool = False, exclude: tuple[str, ...] = ()) -> bool:
-    """Applies every CPU workaround if CUDA is absent (or ``force``). Idempotent.
+def apply_cpu_compat(exclude: tuple[str, ...] = ()) -> bool:
+    """Applies every CPU workaround (the platform calls it for CPU processes). Idempotent.
 
     ``exclude`` names patches to leave out (the tests use it to show each one is needed).
     Returns whether the CPU workarounds are in effect."""
@@ -270,22 +266,7 @@ def apply_cpu_compat(force: bool = False, exclude: tuple[str, ...] = ()) -> bool
         raise ValueError(f"unknown patch name(s) {sorted(unknown)}; known: {list(PATCH_NAMES)}")
     if "sequence_parallel_torch_norm" not in exclude:
         allow_sequence_parallel_torch_norm()
-    if cuda_available() and not force:
-        return False
     for name, patch in _CPU_PATCHES.items():
         if name not in exclude:
             _patch_once(name, patch)
     return True
-
-
-def disable_batched_p2p_on_gloo(config) -> None:
-    """Sets ``config.batch_p2p_comm = False`` when the default process group is gloo.
-
-    With interleaved pipelines, megatron's batched p2p (``torch.distributed.batch_isend_irecv``
-    in ``pipeline_parallel.p2p_communication._batched_p2p_ops``) pairs two isends to the same
-    peer with the wrong irecvs on gloo and silently exchanges the wrong activations; the
-    unbatched path (``_p2p_ops``) is correct. NCCL is unaffected."""
-    import torch.distributed as dist
-
-    if config.batch_p2p_comm and dist.is_initialized() and dist.get_backend() == "gloo":
-        config.batch_p2p_comm = False

@@ -77,9 +77,14 @@ def minibatch_loss_normalizer(
     """The aggregation denominator of a whole mini-batch: summed over its micro-batches and
     (with ``dp_group``) over data-parallel ranks. Every mode's denominator is additive (a
     token count, a sequence count, or batch x length)."""
-    total = sum(loss_normalizer(m.bool(), loss_agg_mode, clamp=False) for m in loss_masks)
-    total = torch.as_tensor(total, dtype=torch.float32)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+    masks = list(loss_masks)
+    if not masks:
+        raise ValueError("a mini-batch needs at least one micro-batch")
+    # on the masks' device: NCCL groups refuse CPU tensors (also in a world of one)
+    total = torch.zeros((), dtype=torch.float32, device=masks[0].device)
+    for m in masks:
+        total = total + loss_normalizer(m.bool(), loss_agg_mode, clamp=False)
+    if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     return total.clamp(min=1.0)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -10,7 +10,7 @@ from megatron_cegppo.rollout.engine import Completion
 
 
 def build_token_batch(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Completion], *, pad_id: int, seq_len: int
+    prompts: Mapping[int, Sequence[int]], completions: Sequence[Completion], *, pad_id: int, seq_len: int
 ) -> dict[str, torch.Tensor]:
     """One row per completion: prompt + response, right-padded to ``seq_len``. Tensors are
     label-aligned (position t scores ``labels[t]``, the token after ``input_ids[t]``):
@@ -35,3 +35,20 @@ def build_token_batch(
     position_ids = torch.arange(seq_len).expand(rows, seq_len).contiguous()
     return dict(input_ids=input_ids, position_ids=position_ids, labels=labels, loss_mask=loss_mask,
                 rollout_log_prob=rollout_lp)
+
+
+def build_microbatches(
+    prompts: Mapping[int, Sequence[int]], completions: Sequence[Completion], advantages: torch.Tensor, *,
+    pad_id: int, seq_len: int, micro_batch_size: int, place: Callable[[dict], dict],
+) -> list[dict[str, torch.Tensor]]:
+    """One mini-batch of this rank's ``completions`` as micro-batches of ``micro_batch_size``
+    rows: the token batch of :func:`build_token_batch`, plus ``advantages`` (one per completion)
+    spread over the positions. The batch is built and cut on the host, and each micro-batch is
+    handed to ``place`` (the platform's placement step), so every tensor the model, the loss
+    and the collectives see lives where the model is."""
+    if len(advantages) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(advantages)} advantages")
+    batch = build_token_batch(prompts, completions, pad_id=pad_id, seq_len=seq_len)
+    batch["advantages"] = advantages.to(torch.float32).unsqueeze(1).expand(-1, seq_len).contiguous()
+    return [place({k: v[i:i + micro_batch_size] for k, v in batch.items()})
+            for i in range(0, len(completions), micro_batch_size)]

@@ -21,9 +21,11 @@ def tiny_gpt_config(
     ffn_hidden_size: int = 96,
 ):
     """fp32, no dropout, CPU-initialised (the full weight is built and then split, so the
-    weights do not depend on the layout), unbatched p2p (see cpu_compat)."""
+    weights do not depend on the layout), batched p2p as the platform allows."""
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
+
+    from megatron_cegppo.platform import current_platform
 
     return TransformerConfig(
         num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
@@ -36,7 +38,7 @@ def tiny_gpt_config(
         use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
-        batch_p2p_comm=False,
+        batch_p2p_comm=current_platform().batch_p2p_comm,
     )
 
 

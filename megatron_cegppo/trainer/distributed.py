@@ -1,15 +1,15 @@
-"""Process groups and megatron's parallel state for a run, on NCCL (GPU) or gloo (CPU)."""
+"""Process groups and megatron's parallel state for a run, on the platform's backend (NCCL on
+GPUs, gloo on the CPU)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 
 from megatron_cegppo.config import Config
+from megatron_cegppo.platform import Platform, init_platform, init_process_group
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class Layout:
     dp_group: object
     is_last_stage: bool
     rollout_tp: int
+    platform: Platform
+
+    @property
+    def device(self) -> torch.device:
+        return self.platform.device
 
     @property
     def rollout_group(self) -> int:
@@ -45,19 +50,13 @@ def init_distributed(cfg: Config) -> Layout:
     one) and megatron's tensor/pipeline/data-parallel groups."""
     from megatron.core import parallel_state
 
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
-
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=30))
-    apply_cpu_compat()
+    platform = init_platform(cfg.trainer.device)
+    init_process_group(platform)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
@@ -72,4 +71,5 @@ def init_distributed(cfg: Config) -> Layout:
         dp_group=parallel_state.get_data_parallel_group(),
         is_last_stage=parallel_state.is_pipeline_last_stage(),
         rollout_tp=cfg.rollout.tensor_parallel,
+        platform=platform,
     )

@@ -18,9 +18,7 @@ from megatron_cegppo.algorithms.advantages import grpo_advantages
 from megatron_cegppo.checkpoint.store import CheckpointStore
 from megatron_cegppo.config import Config, to_dict
 from megatron_cegppo.trainer.distributed import Layout, init_distributed
-
-
-STOP_FILE = "STOP"
+from megatron_cegppo.trainer.stopping import clear_stopped_marker, stop_file_present, write_stopped_marker
 
 
 def _seed_everything(seed: int) -> None:
@@ -30,7 +28,10 @@ def _seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, engine=None):
+        """``engine``: the rollout engine to use instead of starting vLLM (anything with
+        ``generate``, ``push_weights``, ``sleep`` and ``wake_up``, such as
+        :class:`megatron_cegppo.rollout.replay.ReplayEngine`)."""
         from transformers import AutoTokenizer
 
         from megatron_cegppo.data.prompts import apply_chat_template, load_prompts
@@ -55,7 +56,7 @@ class Trainer:
 
         r = cfg.rollout
         # The engine first: vLLM reseeds the global RNG; megatron's RNG is seeded after it.
-        self.engine = RolloutEngine(
+        self.engine = engine if engine is not None else RolloutEngine(
             cfg.model.path,
             EngineConfig(tensor_parallel_size=r.tensor_parallel, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
                          kv_cache_bytes=r.kv_cache_bytes, gpu_memory_utilization=r.gpu_memory_utilization),
@@ -78,7 +79,6 @@ class Trainer:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config, read_hf_state
-        from megatron_cegppo.parallel.cpu_compat import disable_batched_p2p_on_gloo
         from megatron_cegppo.parallel.pipeline_loss import PolicyLossSpec
         from megatron_cegppo.trainer.optim import build_optimizer
 
@@ -110,7 +110,6 @@ class Trainer:
             for chunk in self.reference:
                 chunk.requires_grad_(False)
         del hf_state
-        disable_batched_p2p_on_gloo(self.tconfig)
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
         self.model = [DistributedDataParallel(self.tconfig, ddp_config, c) for c in chunks]
@@ -151,7 +150,7 @@ class Trainer:
         from megatron_cegppo.parallel.pipeline_loss import (
             make_logprob_forward_step, make_policy_forward_step, minibatch_loss_normalizer, reduce_microbatch_metrics,
         )
-        from megatron_cegppo.rollout.batch import build_token_batch
+        from megatron_cegppo.rollout.batch import build_microbatches
         from megatron_cegppo.rollout.mismatch import logprob_mismatch, truncated_importance_weights
         from megatron_cegppo.rollout.weight_sync import push_megatron_weights
         from megatron_cegppo.trainer.optim import learning_rate, set_learning_rate
@@ -174,10 +173,9 @@ class Trainer:
         with timer.phase("old_log_prob"):
             minibatches = []
             for rows in self._my_rows(len(completions)):
-                mb = build_token_batch(prompts, [completions[i] for i in rows], pad_id=self.pad_id, seq_len=seq_len)
-                mb["advantages"] = advantages[rows].unsqueeze(1).expand(-1, seq_len).contiguous()
-                micro = [{k: v[i:i + a.micro_batch_size] for k, v in mb.items()}
-                         for i in range(0, len(rows), a.micro_batch_size)]
+                micro = build_microbatches(prompts, [completions[i] for i in rows], advantages[rows],
+                                           pad_id=self.pad_id, seq_len=seq_len,
+                                           micro_batch_size=a.micro_batch_size, place=L.platform.place)
                 with torch.no_grad():
                     out = self._schedule(make_logprob_forward_step(self.spec), micro, seq_len, forward_only=True)
                 for m, o in zip(micro, out or [{}] * len(micro)):
@@ -323,9 +321,9 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         """A signal on any rank, or a ``STOP`` file in the run directory (what the Slurm
         batch script writes: it reaches every rank without crossing srun and torchrun)."""
-        requested = self.stop_requested or (self.reporting and (Path(self.cfg.trainer.run_dir) / STOP_FILE).exists())
-        flag = torch.tensor(float(requested))
-        if dist.is_initialized() and self.layout.world > 1:
+        requested = self.stop_requested or (self.reporting and stop_file_present(self.cfg.trainer.run_dir))
+        flag = self.layout.platform.tensor(float(requested))  # NCCL takes device tensors only
+        if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -341,6 +339,7 @@ class Trainer:
         run_dir = cfg.trainer.run_dir
         if self.reporting:
             prepare_run_dir(run_dir, to_dict(cfg), allow_config_change=True)
+            clear_stopped_marker(run_dir)
         if dist.is_initialized():
             dist.barrier()
         writer = MetricsWriter(run_dir, enabled=self.reporting,
@@ -371,6 +370,8 @@ class Trainer:
                     self.save(step)
                 if stop:
                     self.stopped_at = step
+                    if self.reporting:  # after the commit: the launcher may requeue now
+                        write_stopped_marker(run_dir, step, reason="requested")
                     break
         finally:
             bar.close()

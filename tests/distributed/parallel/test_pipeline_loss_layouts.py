@@ -51,7 +51,8 @@ def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.models import build_gpt_model_chunks
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat, disable_batched_p2p_on_gloo
+    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.platform import current_platform
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel(
@@ -61,9 +62,8 @@ def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
     config = tiny_gpt_config(tp, pp, vpp, sp)
-    if batch_p2p:  # requested, as a GPU config would; silently wrong on gloo unless disabled
-        config.batch_p2p_comm = True
-        disable_batched_p2p_on_gloo(config)
+    if batch_p2p:  # asked of the platform, as every config is: silently wrong on gloo if granted
+        config.batch_p2p_comm = current_platform().batch_p2p_comm
     chunks = build_gpt_model_chunks(
         config, vocab_size=PADDED_VOCAB, max_sequence_length=SEQ,
         share_embeddings_and_output_weights=share,

@@ -1,0 +1,252 @@
+"""The one place that decides what this process runs on.
+
+Everything that differs between a GPU node and a CPU machine is decided here, once per
+process, and nowhere else in the package:
+
+- the device (``cuda:LOCAL_RANK`` or ``cpu``; the ``trainer.device`` setting ``auto | cuda |
+  cpu``), failing at start-up with the driver/torch mismatch named when CUDA was expected;
+- the process-group backend (NCCL, which accepts CUDA tensors only, or gloo) and, from it,
+  whether megatron's batched p2p may be used;
+- which layer implementation megatron can really import (transformer-engine or its local
+  spec), and whether megatron's fused masked-softmax kernels are there;
+- the CPU workarounds (``parallel.cpu_compat``), applied only on the CPU.
+
+It also owns the one placement step, :meth:`Platform.place`: every tensor that enters the
+model, the loss or a collective is put on :attr:`Platform.device` through it (on a GPU node the
+process group is NCCL-only, so a CPU tensor in a collective raises "No backend type associated
+with device type cpu").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import re
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_cegppo.config.schema import DEVICE_SETTINGS
+LAYER_IMPLS = ("transformer_engine", "local")
+
+# The driver branch each CUDA major version needs (NVIDIA's CUDA toolkit release notes,
+# "minimum required driver", Linux).
+_MIN_DRIVER = {11: "450.80", 12: "525.60", 13: "580.65"}
+
+
+class PlatformError(RuntimeError):
+    """The machine cannot run what was asked (e.g. ``device=cuda`` without a usable GPU)."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    device: torch.device
+    backend: str  # the default process group's backend: "nccl" | "gloo"
+    layer_impl: str  # "transformer_engine" | "local"
+    layer_reason: str  # why (what was or was not importable)
+    fused_softmax: bool  # megatron's scaled_masked_softmax kernels (apex / Megatron-LM builds)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def batch_p2p_comm(self) -> bool:
+        """megatron's batched p2p (``batch_isend_irecv``) pairs two isends to one peer with the
+        wrong irecvs on gloo under interleaved pipelines and silently exchanges the wrong
+        activations (``p2p_communication._batched_p2p_ops``); the unbatched path is correct.
+        NCCL keeps megatron's default (batched)."""
+        return self.backend != "gloo"
+
+    @property
+    def fused_kernels(self) -> bool:
+        """megatron's bias-activation / bias-dropout fusions (torch.jit / triton on the GPU)."""
+        return self.is_cuda
+
+    def place(self, obj: Any, *, non_blocking: bool = True) -> Any:
+        """The placement step: ``obj`` with every tensor in it on :attr:`device`. Dicts, lists,
+        tuples and dataclasses are rebuilt around the moved tensors; anything else is returned
+        as it is."""
+        return _place(obj, self.device, non_blocking)
+
+    def tensor(self, data: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A small tensor for a collective (a flag, a count), on the device the backend takes."""
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+
+def _place(obj: Any, device: torch.device, non_blocking: bool) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        # non_blocking only helps from pinned memory; from pageable memory it is synchronous
+        return obj.to(device, non_blocking=non_blocking and obj.is_pinned())
+    if isinstance(obj, dict):
+        return type(obj)((k, _place(v, device, non_blocking)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_place(v, device, non_blocking) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _place(getattr(obj, f.name), device, non_blocking)
+                   for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    return obj
+
+
+# -- the device ------------------------------------------------------------------------------
+
+
+def nvidia_driver_version() -> Optional[str]:
+    """The loaded NVIDIA kernel driver's version, or ``None`` when no driver is loaded."""
+    proc = Path("/proc/driver/nvidia/version")
+    if proc.is_file():
+        match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]+\.[0-9.]+)", proc.read_text())
+        if match:
+            return match.group(1)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = out.stdout.strip().splitlines()[:1]
+    return first[0].strip() if out.returncode == 0 and first else None
+
+
+def nvidia_gpus_present() -> bool:
+    """Whether this node has NVIDIA GPUs (device files or a loaded driver), whatever torch says."""
+    return Path("/proc/driver/nvidia/version").is_file() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def cuda_unusable_reason(driver: Optional[str] = None) -> str:
+    """Why torch cannot use CUDA here, in words a user can act on."""
+    build = torch.version.cuda
+    if build is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build; install the CUDA build "
+                "(bash scripts/install_gpu.sh)")
+    driver = driver if driver is not None else nvidia_driver_version()
+    major = int(build.split(".")[0])
+    need = _MIN_DRIVER.get(major)
+    need_text = f" (CUDA {major} needs driver {need} or newer)" if need else ""
+    if driver is None:
+        return (f"torch {torch.__version__} is built for CUDA {build}{need_text}, but no NVIDIA driver "
+                "is loaded on this node (no /proc/driver/nvidia/version, nvidia-smi fails)")
+    if need and _version_tuple(driver) < _version_tuple(need):
+        return (f"the NVIDIA driver {driver} is too old for torch {torch.__version__}, which is built for "
+                f"CUDA {build}{need_text}: update the driver or install a torch built for an older CUDA")
+    return (f"torch {torch.__version__} (CUDA {build}) reports no usable GPU although driver {driver} is "
+            "loaded: check CUDA_VISIBLE_DEVICES and the GPUs Slurm gave this job (--gpus-per-node)")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def resolve_device(setting: str = "auto", local_rank: Optional[int] = None) -> torch.device:
+    """``cuda:LOCAL_RANK`` or ``cpu`` for the ``trainer.device`` setting.
+
+    ``auto`` takes CUDA when torch can use it and the CPU only where the node has no NVIDIA GPU
+    at all: a GPU node whose driver does not match the torch build fails here, with the reason,
+    instead of running the CPU path (gloo and the CPU workarounds) and failing much later.
+    ``cuda`` requires a usable GPU; ``cpu`` always runs on the CPU."""
+    if setting not in DEVICE_SETTINGS:
+        raise ValueError(f"device must be one of {list(DEVICE_SETTINGS)}, got {setting!r}")
+    if setting == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+        count = torch.cuda.device_count()
+        if rank >= count:
+            raise PlatformError(f"LOCAL_RANK {rank} but only {count} GPU(s) are visible: start one process per GPU")
+        return torch.device("cuda", rank)
+    if setting == "cuda" or nvidia_gpus_present():
+        hint = "" if setting == "cuda" else " (trainer.device=cpu runs on the CPU anyway)"
+        raise PlatformError(f"device={setting}: CUDA is not usable: {cuda_unusable_reason()}{hint}")
+    return torch.device("cpu")
+
+
+# -- the layer implementation ----------------------------------------------------------------
+
+
+def layer_implementation(device: torch.device) -> tuple[str, str]:
+    """``(impl, reason)``: transformer-engine's layer spec where megatron itself could import
+    it on a CUDA device, megatron's local spec otherwise.
+
+    Decided from megatron's own import (``gpt_layer_specs.HAVE_TE``), not from whether a
+    ``transformer_engine`` package is on the path: an installed but unimportable TE (an ABI
+    mismatch, the core without its torch extension) sets ``HAVE_TE = False`` there, and asking
+    for the TE spec then fails with ``NameError: TESpecProvider``."""
+    if device.type != "cuda":
+        return "local", "transformer-engine needs CUDA"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "local", "transformer-engine is not installed"
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+        from megatron.core.models.gpt import gpt_layer_specs
+    except Exception as exc:  # noqa: BLE001 - any failure of the import means: not usable
+        return "local", f"transformer-engine is installed but does not import: {type(exc).__name__}: {exc}"
+    if not getattr(gpt_layer_specs, "HAVE_TE", False):
+        return "local", "megatron-core could not import its transformer-engine extension"
+    return "transformer_engine", "megatron-core imports transformer-engine"
+
+
+def _fused_softmax_available(device: torch.device) -> bool:
+    # megatron's fused masked softmax calls kernels that apex / Megatron-LM builds; without them
+    # the local attention spec would fail on a GPU (transformer-engine's attention ignores it)
+    return device.type == "cuda" and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+
+
+# -- the process ----------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_current: Optional[Platform] = None
+
+
+def detect_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Platform:
+    """What this process would run on, without changing anything."""
+    device = resolve_device(setting, local_rank)
+    impl, reason = layer_implementation(device)
+    return Platform(device=device, backend="nccl" if device.type == "cuda" else "gloo", layer_impl=impl,
+                    layer_reason=reason, fused_softmax=_fused_softmax_available(device))
+
+
+def init_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Platform:
+    """Decides the platform for this process (once; a second call must agree), makes its GPU
+    the current device and applies the CPU workarounds on the CPU."""
+    global _current
+    with _lock:
+        platform = detect_platform(setting, local_rank)
+        if _current is not None and _current.device != platform.device:
+            raise PlatformError(f"this process already runs on {_current.device}, not {platform.device}")
+        if platform.is_cuda:
+            torch.cuda.set_device(platform.device)
+        else:
+            from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+
+            apply_cpu_compat()
+        from megatron_cegppo.parallel.cpu_compat import allow_sequence_parallel_torch_norm
+
+        if platform.layer_impl == "local":
+            allow_sequence_parallel_torch_norm()
+        _current = platform
+        return platform
+
+
+def current_platform() -> Platform:
+    """The process's platform (decided with ``auto`` on first use if nothing decided it)."""
+    return _current if _current is not None else init_platform("auto")
+
+
+def init_process_group(platform: Platform, timeout_minutes: float = 30.0) -> None:
+    """The default process group from torchrun's environment, on the platform's backend."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    kwargs = {"device_id": platform.device} if platform.is_cuda else {}
+    dist.init_process_group(platform.backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
