@@ -171,26 +171,62 @@ def resolve_device(setting: str = "auto", local_rank: Optional[int] = None) -> t
 # -- the layer implementation ----------------------------------------------------------------
 
 
-def layer_implementation(device: torch.device) -> tuple[str, str]:
-    """``(impl, reason)``: transformer-engine's layer spec where megatron itself could import
-    it on a CUDA device, megatron's local spec otherwise.
+def importable_layer_implementation() -> tuple[str, str]:
+    """``(impl, reason)``: transformer-engine where megatron itself can import it here, megatron's
+    local spec otherwise, whatever the device (``plan`` and ``submit`` run on login nodes).
 
     Decided from megatron's own import (``gpt_layer_specs.HAVE_TE``), not from whether a
     ``transformer_engine`` package is on the path: an installed but unimportable TE (an ABI
     mismatch, the core without its torch extension) sets ``HAVE_TE = False`` there, and asking
     for the TE spec then fails with ``NameError: TESpecProvider``."""
-    if device.type != "cuda":
-        return "local", "transformer-engine needs CUDA"
     if importlib.util.find_spec("transformer_engine") is None:
         return "local", "transformer-engine is not installed"
-    try:
-        importlib.import_module("transformer_engine.pytorch")
-        from megatron.core.models.gpt import gpt_layer_specs
-    except Exception as exc:  # noqa: BLE001 - any failure of the import means: not usable
-        return "local", f"transformer-engine is installed but does not import: {type(exc).__name__}: {exc}"
+    broken = hide_unimportable_transformer_engine()
+    if broken:
+        return "local", f"transformer-engine is installed but does not import: {broken}"
+    from megatron.core.models.gpt import gpt_layer_specs
+
     if not getattr(gpt_layer_specs, "HAVE_TE", False):
         return "local", "megatron-core could not import its transformer-engine extension"
     return "transformer_engine", "megatron-core imports transformer-engine"
+
+
+_TE_MODULES = ("transformer_engine", "transformer_engine.pytorch", "transformer_engine_torch")
+_te_probe: Optional[str] = None  # None: not probed; "": imports; else why it does not
+
+
+def hide_unimportable_transformer_engine() -> str:
+    """Probes ``import transformer_engine.pytorch`` once; when it fails, makes transformer-engine
+    look absent (``sys.modules[name] = None``: a later import raises ModuleNotFoundError) and
+    returns why it failed ("" when it imports).
+
+    Works around ``megatron.core.tensor_parallel.random`` (megatron-core 0.16), which guards
+    its transformer-engine import with ``except ModuleNotFoundError`` only: an installed TE that
+    raises another ImportError (an ABI mismatch, the core without its torch extension) makes
+    ``import megatron.core`` itself fail. Absent, TE is skipped by every megatron module and the
+    local spec is used. Call before megatron is imported."""
+    global _te_probe
+    if _te_probe is None:
+        try:
+            importlib.import_module("transformer_engine.pytorch")
+            _te_probe = ""
+        except ModuleNotFoundError as exc:
+            _te_probe = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure of the import means: not usable
+            _te_probe = f"{type(exc).__name__}: {exc}"
+        if _te_probe:
+            import sys
+
+            for name in [m for m in sys.modules if m.split(".")[0] in _TE_MODULES] + list(_TE_MODULES):
+                sys.modules[name] = None  # type: ignore[assignment]
+    return _te_probe
+
+
+def layer_implementation(device: torch.device) -> tuple[str, str]:
+    """``(impl, reason)`` for a process on ``device``: transformer-engine needs CUDA."""
+    if device.type != "cuda":
+        return "local", "transformer-engine needs CUDA"
+    return importable_layer_implementation()
 
 
 def _fused_softmax_available(device: torch.device) -> bool:
@@ -208,6 +244,8 @@ _current: Optional[Platform] = None
 def detect_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Platform:
     """What this process would run on, without changing anything."""
     device = resolve_device(setting, local_rank)
+    if importlib.util.find_spec("transformer_engine") is not None:
+        hide_unimportable_transformer_engine()  # before anything imports megatron
     impl, reason = layer_implementation(device)
     return Platform(device=device, backend="nccl" if device.type == "cuda" else "gloo", layer_impl=impl,
                     layer_reason=reason, fused_softmax=_fused_softmax_available(device))

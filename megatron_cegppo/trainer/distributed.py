@@ -48,6 +48,7 @@ class Layout:
 def init_distributed(cfg: Config) -> Layout:
     """Starts the default process group from torchrun's environment (a single process without
     one) and megatron's tensor/pipeline/data-parallel groups."""
+    platform = init_platform(cfg.trainer.device)  # before megatron is imported
     from megatron.core import parallel_state
 
     os.environ.setdefault("RANK", "0")
@@ -55,7 +56,6 @@ def init_distributed(cfg: Config) -> Layout:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    platform = init_platform(cfg.trainer.device)
     init_process_group(platform)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
