@@ -9,6 +9,9 @@ import sys
 from typing import Optional, Sequence
 
 EXIT_STOPPED = 3  # saved a checkpoint and stopped on request (SIGTERM/SIGUSR1/STOP file)
+LAYER_CHOICES = ("auto", "transformer_engine", "local")
+LAYERS_HELP = ("the layer implementation to plan for; auto: transformer-engine where megatron can import it in "
+               "this environment (the job's, on a shared file system), megatron's local layers otherwise")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--config", required=True)
     x.add_argument("--out", required=True, help="the folder to write")
     x.add_argument("--checkpoint", default=None, help="a step_* folder (default: the run's latest)")
+    x.add_argument("--shard-size", default="5GB", help="the largest safetensors file: 5GB, 500MB, 2GiB or bytes")
     x.add_argument("overrides", nargs="*")
     s = sub.add_parser("submit", help="write and submit the Slurm batch script of a config")
     s.add_argument("--config", required=True)
@@ -39,13 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--time", default="24:00:00")
     s.add_argument("--partition", default=None)
     s.add_argument("--cpus-per-task", type=int, default=64, help="CPU cores per node's task")
-    s.add_argument("--signal-seconds", type=int, default=300, help="USR1 this long before the time limit")
+    s.add_argument("--signal-seconds", default="auto",
+                   help="USR1 this long before the time limit; auto (default): what one step and a save needed "
+                        "in a previous start of the run (its timing.json), at least 300")
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     s.add_argument("--force", action="store_true", help="submit even when the memory plan says it does not fit")
+    s.add_argument("--layers", choices=LAYER_CHOICES, default="auto", help=LAYERS_HELP)
     s.add_argument("overrides", nargs="*")
     n = sub.add_parser("plan", help="per-GPU memory of a config, training and generation: does it fit?")
     n.add_argument("--config", required=True)
     n.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes")
+    n.add_argument("--layers", choices=LAYER_CHOICES, default="auto", help=LAYERS_HELP)
     n.add_argument("overrides", nargs="*")
     return p
 
@@ -88,21 +96,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "submit":
         from pathlib import Path
 
-        from megatron_cegppo.slurm import render_sbatch, submit
+        from megatron_cegppo.slurm import render_sbatch, resolve_signal_seconds, submit
 
         if not _preflight(cfg, args):
             return 1
+        try:
+            signal_seconds = resolve_signal_seconds(args.signal_seconds, cfg.trainer.run_dir)
+        except ValueError as exc:
+            print(f"megatron-cegppo: {exc}", file=sys.stderr)
+            return 2
         script = render_sbatch(config=args.config, overrides=args.overrides, run_dir=cfg.trainer.run_dir,
                                nodes=cfg.cluster.nodes, gpus_per_node=cfg.cluster.gpus_per_node, time=args.time,
-                               partition=args.partition, signal_seconds=args.signal_seconds,
+                               partition=args.partition, signal_seconds=signal_seconds,
                                cpus_per_task=args.cpus_per_task)
         (Path(cfg.trainer.run_dir) / "logs").mkdir(parents=True, exist_ok=True)  # slurmd opens --output there
         submit(script, Path(cfg.trainer.run_dir) / "cegppo.sbatch", args.dry_run)
         return 0
     if args.command == "export":
-        from megatron_cegppo.checkpoint.export import export_checkpoint
+        from megatron_cegppo.checkpoint.export import export_checkpoint, parse_shard_size
 
-        export_checkpoint(cfg, args.checkpoint, args.out)
+        try:
+            shard_size = parse_shard_size(args.shard_size)
+        except ValueError as exc:
+            print(f"megatron-cegppo: {exc}", file=sys.stderr)
+            return 2
+        export_checkpoint(cfg, args.checkpoint, args.out, shard_size=shard_size)
         return 0
     from megatron_cegppo.evaluate import evaluate
 
@@ -140,7 +158,7 @@ def _preflight(cfg, args) -> bool:
     from megatron_cegppo.planner import format_plan, make_plan
     from megatron_cegppo.planner.plan import GIB
 
-    plan = make_plan(cfg, arch)
+    plan = make_plan(cfg, arch, impl=_planned_layers(args.layers))
     if not plan.fits and not args.force:
         print(format_plan(plan, title=args.config))
         print("megatron-cegppo: not submitted: the plan above does not fit (--force submits anyway)", file=sys.stderr)
@@ -173,9 +191,24 @@ def _plan(cfg, args) -> int:
     if error:
         print(f"megatron-cegppo: {error}", file=sys.stderr)
         return 2
-    plan = make_plan(cfg, arch)
+    plan = make_plan(cfg, arch, impl=_planned_layers(args.layers))
     print(format_plan(plan, title=args.config))
     return 0 if plan.fits else 1
+
+
+def _planned_layers(choice: str):
+    """The planner's layer implementation for ``--layers``, said on stdout: the memory of
+    megatron's local layers (no flash attention: s^2 scores) is several times TE's."""
+    from megatron_cegppo.planner.activations import MEGATRON_LOCAL, TRANSFORMER_ENGINE
+    from megatron_cegppo.platform import importable_layer_implementation
+
+    if choice == "auto":
+        choice, reason = importable_layer_implementation()
+    else:
+        reason = "--layers"
+    print(f"planned with {'transformer-engine' if choice == 'transformer_engine' else 'megatron local'} layers "
+          f"({reason})")
+    return TRANSFORMER_ENGINE if choice == "transformer_engine" else MEGATRON_LOCAL
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
+TE = ["--layers", "transformer_engine"]  # the GPU nodes' layers (not importable on this machine)
+
+
 def test_plan_prints_both_phases_and_fits(capsys):
-    assert main(["plan", "--config", "configs/qwen2p5_32b.yaml"]) == 0
+    assert main(["plan", "--config", "configs/qwen2p5_32b.yaml", *TE]) == 0
     out = capsys.readouterr().out
     for text in ("TP 8 x PP 2 x DP 2", "optimizer state", "activations, recompute full", "KV cache",
                  "generation phase", "verdict: fits"):
@@ -25,12 +28,12 @@ def test_plan_prints_both_phases_and_fits(capsys):
 
 
 def test_nodes_change_the_data_parallel_size(capsys):
-    assert main(["plan", "--config", "configs/qwen2p5_32b.yaml", "--nodes", "8"]) == 0
+    assert main(["plan", "--config", "configs/qwen2p5_32b.yaml", "--nodes", "8", *TE]) == 0
     assert "x DP 4" in capsys.readouterr().out
 
 
 def test_does_not_fit_exits_1(capsys):
-    assert main(["plan", "--config", "configs/llama3p1_70b.yaml", "--nodes", "4", "parallel.pipeline=2"]) == 1
+    assert main(["plan", "--config", "configs/llama3p1_70b.yaml", "--nodes", "4", *TE, "parallel.pipeline=2"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
@@ -58,7 +61,7 @@ def test_readme_shows_the_current_plan(name, capsys):
     from megatron_cegppo.planner import make_plan, read_architecture
     from megatron_cegppo.planner.plan import GIB
 
-    assert main(["plan", "--config", f"configs/{name}.yaml"]) == 0
+    assert main(["plan", "--config", f"configs/{name}.yaml", *TE]) == 0
     readme = (ROOT / "README.md").read_text()
     assert capsys.readouterr().out.rstrip() in readme, f"README's plan of {name} is stale"
     plan = make_plan(load_config(f"configs/{name}.yaml"), read_architecture(load_config(f"configs/{name}.yaml")))
@@ -67,7 +70,7 @@ def test_readme_shows_the_current_plan(name, capsys):
 
 
 def test_submit_refuses_a_config_that_does_not_fit(tmp_path, capsys):
-    args = ["submit", "--config", "configs/llama3p1_70b.yaml", "--nodes", "4", "--dry-run",
+    args = ["submit", "--config", "configs/llama3p1_70b.yaml", "--nodes", "4", "--dry-run", *TE,
             "parallel.pipeline=2", f"trainer.run_dir={tmp_path}/run"]
     assert main(args) == 1
     captured = capsys.readouterr()
@@ -78,5 +81,16 @@ def test_submit_refuses_a_config_that_does_not_fit(tmp_path, capsys):
 
 
 def test_submit_prints_the_plan_verdict(tmp_path, capsys):
-    assert main(["submit", "--config", "configs/qwen2p5_32b.yaml", "--dry-run", f"trainer.run_dir={tmp_path}"]) == 0
+    assert main(["submit", "--config", "configs/qwen2p5_32b.yaml", "--dry-run", *TE, f"trainer.run_dir={tmp_path}"]) == 0
     assert "memory plan: training" in capsys.readouterr().out
+
+
+def test_plan_uses_the_importable_layers_and_says_so(capsys):
+    """Without transformer-engine (this machine) the plan is of megatron's local layers, whose
+    s^2 attention scores do not fit a 16k-token micro-batch; the output says which it used."""
+    assert main(["plan", "--config", "configs/deepseek_r1_distill_qwen_1p5b.yaml"]) == 1
+    out = capsys.readouterr().out
+    assert "planned with megatron local layers (transformer-engine is not installed)" in out
+    assert "DOES NOT FIT" in out
+    assert main(["plan", "--config", "configs/deepseek_r1_distill_qwen_1p5b.yaml", *TE]) == 0
+    assert "planned with transformer-engine layers (--layers)" in capsys.readouterr().out
