@@ -11,12 +11,16 @@ CPU = [
     "math-verify>=0.9.0",
 ]
 
-# The GPU stack (users on H100 clusters). apex is not on PyPI: build it from source where
-# wanted; megatron-core falls back to torch's fused Adam without it.
+# The GPU stack (users on H100 clusters). Exact pins, the versions scripts/install_gpu.sh installs
+# (it builds transformer-engine's torch extension with --no-build-isolation first; see
+# docs/gpu_install.md). vllm 0.33.0 requires torch==2.14.0 (a CUDA 13.0 build on PyPI, NVIDIA
+# driver R580+); megatron-core stays at the CPU path's 0.16.1. apex is not on PyPI: build it from
+# source where wanted; megatron-core falls back to torch's fused Adam without it.
 GPU = [
-    "megatron-core>=0.16.1,<0.20",
-    "transformer-engine[pytorch]>=2.0",
-    "vllm>=0.11",
+    "torch==2.14.0",
+    "vllm==0.33.0",
+    "megatron-core==0.16.1",
+    "transformer-engine[core_cu13,pytorch]==2.20.2",
     "sentencepiece>=0.2.0",
     "math-verify>=0.9.0",
 ]

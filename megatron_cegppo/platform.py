@@ -273,9 +273,18 @@ def init_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Pl
         return platform
 
 
+_detected: Optional[Platform] = None
+
+
 def current_platform() -> Platform:
-    """The process's platform (decided with ``auto`` on first use if nothing decided it)."""
-    return _current if _current is not None else init_platform("auto")
+    """The process's platform: what :func:`init_platform` decided, or (before that, e.g. in a
+    test that sets megatron up itself) what ``auto`` detects, without applying anything."""
+    global _detected
+    if _current is not None:
+        return _current
+    if _detected is None:
+        _detected = detect_platform("auto")
+    return _detected
 
 
 def init_process_group(platform: Platform, timeout_minutes: float = 30.0) -> None:

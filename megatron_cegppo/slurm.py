@@ -1,19 +1,30 @@
-"""``megatron-cegppo submit``: renders ``slurm/cegppo.sbatch`` for a config and submits it."""
+"""``megatron-cegppo submit``: renders ``slurm/cegppo.sbatch`` for a config and submits it.
+
+Also the per-node launcher that the batch script's ``srun`` starts on every node
+(``python -m megatron_cegppo.slurm node ...``): it reads the node's rank from Slurm's
+environment, picks the network interface for gloo, and replaces itself with torchrun. The
+trainer's arguments travel as an argument vector from the batch script to torchrun: no shell
+parses them a second time, so a value with spaces, quotes or ``<>`` arrives as written.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cegppo.sbatch"
+DEFAULT_SIGNAL_SECONDS = 300
 
 
 def render_sbatch(
     *, config: str, overrides: Sequence[str], run_dir: str, nodes: int, gpus_per_node: int,
-    time: str, partition: Optional[str] = None, job_name: str = "cegppo", signal_seconds: int = 300,
+    time: str, partition: Optional[str] = None, job_name: str = "cegppo", signal_seconds: int = DEFAULT_SIGNAL_SECONDS,
     cpus_per_task: int = 64, procs_per_node: Optional[int] = None, python: str = sys.executable,
     log_dir: Optional[str] = None,
 ) -> str:
@@ -52,3 +63,130 @@ def submit(script: str, out_path: Path, dry_run: bool) -> Optional[str]:
     job_id = result.stdout.strip().split(";")[0]
     print(f"submitted job {job_id} ({out_path})")
     return job_id
+
+
+def resolve_signal_seconds(requested: str, run_dir: str) -> int:
+    """``--signal-seconds``: ``auto`` takes the time that one more step and a save needed
+    in a previous start of this run (``<run_dir>/timing.json``), at least the default; an
+    explicit value shorter than that need is kept, with a warning. Raises ``ValueError``
+    for a value that is neither ``auto`` nor a positive number of seconds."""
+    from megatron_cegppo.trainer.stopping import load_timing
+
+    clock = load_timing(run_dir)
+    needed = clock.needed_seconds() if clock else None
+    if str(requested).strip().lower() == "auto":
+        if needed is None:
+            print(f"note: --signal-seconds auto: no step time measured yet in {run_dir}, using "
+                  f"{DEFAULT_SIGNAL_SECONDS} s", file=sys.stderr)
+            return DEFAULT_SIGNAL_SECONDS
+        seconds = max(DEFAULT_SIGNAL_SECONDS, math.ceil(needed))
+        print(f"note: --signal-seconds auto: {seconds} s (one step and a save needed {needed:.0f} s in a "
+              f"previous start, {Path(run_dir) / 'timing.json'})", file=sys.stderr)
+        return seconds
+    try:
+        seconds = int(requested)
+    except ValueError:
+        raise ValueError(f"--signal-seconds must be 'auto' or a number of seconds, got {requested!r}") from None
+    if seconds <= 0:
+        raise ValueError(f"--signal-seconds must be positive, got {seconds}")
+    if needed is not None and seconds < needed:
+        print(f"warning: --signal-seconds {seconds} is shorter than the {needed:.0f} s that one step and a save "
+              f"needed in a previous start: a stop signal may come too late to save "
+              f"(--signal-seconds auto derives it)", file=sys.stderr)
+    return seconds
+
+
+# --- per node, started by srun ----------------------------------------------------------------
+
+def interface_for(address: str, port: int = 9) -> Optional[str]:
+    """The name of this machine's network interface that traffic to ``address`` leaves from
+    (``lo`` for a loopback address), or ``None`` when it cannot be told (no route, IPv6, not
+    Linux). A UDP ``connect`` picks the source address without sending anything; on the
+    master node itself that is the address of its own network interface, not loopback."""
+    try:
+        ip = socket.gethostbyname(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, port))
+            source = s.getsockname()[0]
+    except OSError:
+        return None
+    return _interface_with_address(source)
+
+
+def _interface_with_address(ip: str) -> Optional[str]:
+    try:
+        import fcntl
+        import struct
+    except ImportError:
+        return None
+    SIOCGIFADDR = 0x8915
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == ip:
+                return name
+    return None
+
+
+def node_command(python: str, procs_per_node: int, trainer_args: Sequence[str],
+                 environ: Mapping[str, str]) -> list:
+    """torchrun's argument vector on one node: the node's rank and the node count from
+    Slurm's per-node environment, the rendezvous from the batch script's."""
+    return [python, "-m", "torch.distributed.run", f"--nnodes={environ['SLURM_NNODES']}",
+            f"--node-rank={environ['SLURM_NODEID']}", f"--nproc-per-node={procs_per_node}",
+            f"--master-addr={environ['MASTER_ADDR']}", f"--master-port={environ['MASTER_PORT']}",
+            "-m", "megatron_cegppo.cli", "train", *trainer_args]
+
+
+def node_environment(environ: Mapping[str, str]) -> dict:
+    """The environment for torchrun: ``GLOO_SOCKET_IFNAME`` (gloo groups of vLLM and
+    megatron cross nodes) defaults to the interface that reaches another node: ``MASTER_ADDR``,
+    or on the master node itself the allocation's second host (``CEGPPO_PEER_ADDR``, from the
+    batch script), since a node may resolve its own name to a loopback address (Debian's
+    ``127.0.1.1``). One set by the user wins. Gloo takes interface names (a comma-separated
+    list is used round robin), not NCCL's ``^lo,docker`` exclusion syntax, hence a name found
+    per node."""
+    env = dict(environ)
+    if not env.get("GLOO_SOCKET_IFNAME"):
+        peer = env["MASTER_ADDR"]
+        if env.get("SLURM_NODEID") == "0" and env.get("CEGPPO_PEER_ADDR"):
+            peer = env["CEGPPO_PEER_ADDR"]
+        name = interface_for(peer, int(env.get("MASTER_PORT", "9")))
+        if name:
+            env["GLOO_SOCKET_IFNAME"] = name
+    return env
+
+
+def _node_main(argv: Sequence[str]) -> int:
+    """``python -m megatron_cegppo.slurm node --nproc-per-node N -- <train arguments>``: what
+    follows ``--`` goes to the trainer untouched."""
+    import argparse
+
+    argv = list(argv)
+    if "--" not in argv:
+        sys.exit("usage: python -m megatron_cegppo.slurm node --nproc-per-node N -- <train arguments>")
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(prog="python -m megatron_cegppo.slurm node")
+    p.add_argument("--nproc-per-node", type=int, required=True)
+    args = p.parse_args(argv[:cut])
+    trainer_args = argv[cut + 1:]
+    env = node_environment(os.environ)
+    cmd = node_command(sys.executable, args.nproc_per_node, trainer_args, env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    print(f"[cegppo] node {env['SLURM_NODEID']}/{env['SLURM_NNODES']}: GLOO_SOCKET_IFNAME="
+          f"{env.get('GLOO_SOCKET_IFNAME', '(unset)')}, CPUs usable={cpus}", flush=True)
+    os.execve(cmd[0], cmd, env)  # torchrun takes this process's place: srun's signals reach it
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["node"]:
+        sys.exit("usage: python -m megatron_cegppo.slurm node --nproc-per-node N -- <train arguments>")
+    sys.exit(_node_main(sys.argv[2:]))

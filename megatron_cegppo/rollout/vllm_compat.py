@@ -6,6 +6,7 @@ fails without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -53,3 +54,44 @@ def unique_cpu_shm_names() -> None:
 
         cpu_communicator._CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
         _patched = True
+
+
+# -- the layer-wise reload's warning about rotary layers ------------------------------------
+
+# The logger and message of upstream
+# ``vllm/model_executor/model_loader/reload/layerwise.py`` ``finalize_layerwise_processing``:
+# ``logger.warning("%s: Failed to load weights", layer.__class__.__name__)``, logged for every
+# layer that has tensors but received none during a reload.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+RELOAD_FAILED_MSG = "%s: Failed to load weights"
+# The layers of the supported models (rope types default and llama3) whose tensors are all
+# buffers computed at load (``cos_sin_cache``): no checkpoint holds them, so no reload can
+# load them, and the reload puts the existing ones back (``_place_kernel_tensors``). Not every
+# rotary layer qualifies: ``FourierRotaryEmbedding`` has parameters.
+BUFFER_ONLY_LAYERS = frozenset({"RotaryEmbedding", "Llama3RotaryEmbedding"})
+
+
+class BufferOnlyReloadFilter(logging.Filter):
+    """Drops ``"<layer>: Failed to load weights"`` for the layers of :data:`BUFFER_ONLY_LAYERS`
+    only; every other record of the logger passes (a real layer that loads nothing still warns)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (record.msg == RELOAD_FAILED_MSG and isinstance(args, tuple) and len(args) == 1
+                    and args[0] in BUFFER_ONLY_LAYERS)
+
+
+def quiet_buffer_only_reload_warnings() -> BufferOnlyReloadFilter:
+    """Concerns upstream ``vllm/model_executor/model_loader/reload/layerwise.py``
+    ``finalize_layerwise_processing``: every ``reload_weights`` (each weight push) warns
+    ``RotaryEmbedding: Failed to load weights`` although nothing failed (the rotary caches are
+    buffers, not weights, and are kept). Attaches :class:`BufferOnlyReloadFilter` to that
+    module's logger (once per process) and returns it."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    with _lock:
+        for existing in logger.filters:
+            if isinstance(existing, BufferOnlyReloadFilter):
+                return existing
+        quiet = BufferOnlyReloadFilter()
+        logger.addFilter(quiet)
+        return quiet

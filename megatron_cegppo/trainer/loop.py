@@ -9,6 +9,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,14 @@ from megatron_cegppo.algorithms.advantages import grpo_advantages
 from megatron_cegppo.checkpoint.store import CheckpointStore
 from megatron_cegppo.config import Config, to_dict
 from megatron_cegppo.trainer.distributed import Layout, init_distributed
-from megatron_cegppo.trainer.stopping import clear_stopped_marker, stop_file_present, write_stopped_marker
+from megatron_cegppo.trainer.stopping import (
+    StopClock, clear_stopped_marker, load_timing, save_timing, stop_file_present, stop_file_urgent,
+    write_stopped_marker,
+)
+
+
+class StepAbandoned(Exception):
+    """A step given up before its update because the job is being preempted."""
 
 
 def _seed_everything(seed: int) -> None:
@@ -69,6 +77,7 @@ class Trainer:
         self._build_model()
         self.optimizer_steps = 0
         self.start_step = 0
+        self.last_saved_step = -1  # the step of the newest checkpoint (-1: the starting weights)
         self.stop_requested = False
         self.store = CheckpointStore(Path(cfg.trainer.run_dir) / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self._resume()
@@ -162,6 +171,7 @@ class Trainer:
                 self.sampler, step=step, num_prompts=a.prompts_per_step, dynamic=a.dynamic_sampling,
                 max_rounds=a.max_sampling_rounds)
             self.engine.sleep()  # GPU: frees vLLM's memory for training; a no-op on the CPU
+        self._abandon_if_preempted(step)
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
         advantages = grpo_advantages(rewards, n, normalize_std=a.normalize_advantage_std)
         completions = [c for g in groups for c in g.completions]
@@ -198,6 +208,7 @@ class Trainer:
                             m["advantages"] = m["advantages"] * truncated_importance_weights(
                                 m["old_log_prob"], m["rollout_log_prob"], a.tis_cap)
 
+        self._abandon_if_preempted(step)  # the last point before the weights change
         stores, grad_norms = [], []
         with timer.phase("train"):
             for _ in range(a.epochs):
@@ -278,6 +289,7 @@ class Trainer:
         if self.reporting:
             self.store.commit(step)
         self._barrier()
+        self.last_saved_step = step
 
     def _resume(self) -> None:
         """Continues from the run directory's latest complete checkpoint, if there is one."""
@@ -307,6 +319,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.optimizer_steps = state["optimizer_steps"]
         self.start_step = state["step"] + 1
+        self.last_saved_step = state["step"]
         rng_file = path / "rng" / f"rank_{self.layout.rank:05d}.pt"
         if state["world_size"] == self.layout.world and rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=True))
@@ -314,15 +327,44 @@ class Trainer:
         if self.reporting:
             print(f"[megatron-cegppo] resumed from {path} at step {self.start_step}", flush=True)
 
-    def request_stop(self, *_) -> None:
-        """Signal handler: save and stop at the end of the current step."""
+    def request_stop(self, signum=None, _frame=None) -> None:
+        """Signal handler: save and stop at the end of the current step; on SIGTERM (Slurm's
+        preemption or cancellation, followed by SIGKILL after the grace time) sooner, see
+        :meth:`_abandon_if_preempted`."""
         self.stop_requested = True
+        if signum == signal.SIGTERM:
+            self.preempted = True
+
+    def _abandon_if_preempted(self, step: int) -> None:
+        """Before the step's first optimizer step: when any rank was preempted (SIGTERM, or the
+        batch script's ``STOP`` file saying so), the step is given up. Its rollouts are lost,
+        nothing else: the weights, the optimizer and the data order are those at the end of
+        the previous step, which is saved at once (instead of after the rest of a step that can
+        take longer than the grace time). Every rank calls it at the same points."""
+        urgent = getattr(self, "preempted", False) or (self.reporting and stop_file_urgent(self.cfg.trainer.run_dir))
+        flag = self.layout.platform.tensor(float(urgent))
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise StepAbandoned(step)
+
+    def _stop_reason(self) -> Optional[str]:
+        """Why this rank would stop now: a signal, a ``STOP`` file in the run directory (what
+        the Slurm batch script writes: it reaches every rank without crossing srun and
+        torchrun), or (rank 0) a job time limit closer than one more step and a save."""
+        if self.stop_requested:
+            return "requested"
+        if not self.reporting:
+            return None
+        if stop_file_present(self.cfg.trainer.run_dir):
+            return "requested"
+        clock = getattr(self, "clock", None)
+        return clock.should_stop() if clock is not None else None
 
     def _stop_agreed(self) -> bool:
-        """A signal on any rank, or a ``STOP`` file in the run directory (what the Slurm
-        batch script writes: it reaches every rank without crossing srun and torchrun)."""
-        requested = self.stop_requested or (self.reporting and stop_file_present(self.cfg.trainer.run_dir))
-        flag = self.layout.platform.tensor(float(requested))  # NCCL takes device tensors only
+        """Whether any rank has a reason to stop (every rank calls it at the end of a step)."""
+        self.stop_reason = self._stop_reason()
+        flag = self.layout.platform.tensor(float(self.stop_reason is not None))  # NCCL: device tensors only
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -346,14 +388,36 @@ class Trainer:
                                truncate_after_step=self.start_step - 1 if self.start_step else None)
         timer = PhaseTimer()
         history = []
+        # the job's end time (from the batch script) against the step and save times measured
+        # so far, in this start and the previous ones
+        self.clock = StopClock.from_env(measured=load_timing(run_dir))
+        warning = self.clock.lead_warning()
+        if warning and self.reporting:
+            print(f"[megatron-cegppo] warning: {warning}", flush=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self.request_stop)
         bar = progress(cfg.trainer.steps, desc="CE-GPPO steps", enabled=self.reporting, initial=self.start_step)
+        from megatron_cegppo.checkpoint.rng import capture_rng_state, restore_rng_state
+
         try:
             for step in range(self.start_step, cfg.trainer.steps):
                 timer.reset()
                 start = time.perf_counter()
-                metrics = self.train_step(step, timer)
+                at_start = (self.sampler.state_dict(), capture_rng_state())
+                try:
+                    metrics = self.train_step(step, timer)
+                except StepAbandoned:
+                    self.sampler.load_state_dict(at_start[0])
+                    restore_rng_state(at_start[1])
+                    if self.last_saved_step != step - 1:  # nothing to save before the first step
+                        self.save(step - 1)
+                    self.stopped_at = step - 1
+                    if self.reporting:
+                        reason = f"preempted: step {step} given up before its update"
+                        print(f"[megatron-cegppo] {reason}; the state after step {step - 1} is saved", flush=True)
+                        write_stopped_marker(run_dir, step - 1, reason=reason)
+                    self._barrier()  # no rank exits (and ends the job) before the marker is there
+                    break
                 elapsed = time.perf_counter() - start
                 metrics.update(timer.summary())
                 metrics["time/step"] = elapsed
@@ -365,13 +429,21 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics.get('entropy', 0):.3f}")
                 last = step == cfg.trainer.steps - 1
                 every = cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0
+                self.clock.record_step(elapsed)
                 stop = self._stop_agreed()
                 if last or every or stop:
+                    saving = time.perf_counter()
                     self.save(step)
+                    self.clock.record_save(time.perf_counter() - saving)
+                if self.reporting:
+                    save_timing(run_dir, self.clock)
                 if stop:
                     self.stopped_at = step
                     if self.reporting:  # after the commit: the launcher may requeue now
-                        write_stopped_marker(run_dir, step, reason="requested")
+                        reason = self.stop_reason or "requested on another rank"
+                        print(f"[megatron-cegppo] saved step {step} and stopping: {reason}", flush=True)
+                        write_stopped_marker(run_dir, step, reason=reason)
+                    self._barrier()  # no rank exits (and ends the job) before the marker is there
                     break
         finally:
             bar.close()

@@ -25,6 +25,15 @@ def stop_file_present(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / STOP_FILE).exists()
 
 
+def stop_file_urgent(run_dir: str | os.PathLike) -> bool:
+    """The batch script writes ``preempt`` into the ``STOP`` file on SIGTERM (preemption or
+    cancellation: SIGKILL follows after the grace time), not on the time-limit signal."""
+    try:
+        return (Path(run_dir) / STOP_FILE).read_text().strip().startswith("preempt")
+    except OSError:
+        return False
+
+
 def clear_stopped_marker(run_dir: str | os.PathLike) -> None:
     """At start-up: a marker belongs to the start that wrote it."""
     (Path(run_dir) / STOPPED_MARKER).unlink(missing_ok=True)

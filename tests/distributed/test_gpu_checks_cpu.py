@@ -35,3 +35,11 @@ def test_actor_check_on_cpu(tmp_path):
     assert "Result: PASS" in text
     for name in ACTOR_CHECKS:
         assert f"| {name} | PASS |" in text, f"{name!r} missing or failed"
+
+
+def test_full_check_on_cpu_with_vllm(tmp_path):
+    text = _run("gpu_full_check.sh", tmp_path, "--skip-timing")
+    assert "Result: PASS" in text
+    for name in ["trainer runs 3 steps", "old-log-prob recompute", "mismatch every step", "update", "requested stop",
+                 "exact resume", "export matches", "logits after a push unchanged"]:
+        assert f"| {name} | PASS |" in text, f"{name!r} missing or failed"

@@ -132,3 +132,73 @@ def test_resume_from_an_explicit_checkpoint(setup):
     start, history, _ = run[0]
     assert start == 2
     assert [_deterministic(m) for m in history] == [_deterministic(m) for m in whole[0][1][2:]]
+
+
+def time_limit_worker(rank, world, overrides, seconds_left):
+    import os
+    import time
+
+    from megatron_cegppo.trainer.stopping import JOB_END_TIME_ENV
+
+    os.environ[JOB_END_TIME_ENV] = str(time.time() + seconds_left)  # what the batch script exports
+    trainer, history = fit_tiny_trainer(overrides, world)
+    return getattr(trainer, "stopped_at", None), history
+
+
+def test_stops_by_itself_before_the_time_limit_and_resumes_exactly(setup):
+    """30 s before the job's end, less than one more step and a save need (with Slurm's
+    margin): the trainer saves after its step, writes the STOPPED marker with the reason, and
+    the restart continues as the uninterrupted run."""
+    import json
+
+    from megatron_cegppo.trainer.stopping import STOPPED_MARKER, load_timing
+
+    tmp, common, whole = setup
+    run = [f"trainer.run_dir={tmp / 'time_limit'}", "trainer.steps=4"]
+    first = run_distributed(time_limit_worker, 2, common + run, 30.0)
+    assert [stopped for stopped, _ in first] == [0, 0]
+    marker = json.loads((tmp / "time_limit" / STOPPED_MARKER).read_text())
+    assert marker["step"] == 0 and "before the job's time limit" in marker["reason"], marker
+    timing = load_timing(tmp / "time_limit")
+    assert len(timing.step_seconds) == 1 and len(timing.save_seconds) == 1
+    rest = run_distributed(worker, 2, common + run)
+    assert rest[0][0] == 1
+    assert [_deterministic(m) for m in first[0][1] + rest[0][1]] == [_deterministic(m) for m in whole[0][1]]
+    assert not (tmp / "time_limit" / STOPPED_MARKER).exists()  # cleared by the start that resumed
+
+
+def preempted_worker(rank, world, overrides, at_step):
+    import os
+    import signal
+
+    from megatron_cegppo.trainer.loop import Trainer
+
+    upstream = Trainer.train_step
+
+    def train_step(self, step, timer):
+        if step == at_step and rank == 0:  # Slurm's preemption: SIGTERM, SIGKILL after the grace time
+            os.kill(os.getpid(), signal.SIGTERM)
+        return upstream(self, step, timer)
+
+    Trainer.train_step = train_step
+    trainer, history = fit_tiny_trainer(overrides, world)
+    return getattr(trainer, "stopped_at", None), history
+
+
+def test_preempted_step_is_given_up_and_the_previous_state_saved_at_once(setup):
+    """SIGTERM during step 1's generation: step 1 is abandoned before its update, the state
+    after step 0 is saved right away, and the restart redoes step 1 exactly."""
+    import json
+
+    from megatron_cegppo.trainer.stopping import STOPPED_MARKER
+
+    tmp, common, whole = setup
+    run = [f"trainer.run_dir={tmp / 'preempted'}", "trainer.steps=4"]
+    first = run_distributed(preempted_worker, 2, common + run, 1)
+    assert [stopped for stopped, _ in first] == [0, 0] and len(first[0][1]) == 1
+    marker = json.loads((tmp / "preempted" / STOPPED_MARKER).read_text())
+    assert marker["step"] == 0 and marker["reason"].startswith("preempted: step 1 given up"), marker
+    rest = run_distributed(worker, 2, common + run)
+    assert rest[0][0] == 1
+    assert [_deterministic(m) for m in first[0][1] + rest[0][1]] == [_deterministic(m) for m in whole[0][1]]
+    torch.testing.assert_close(rest[0][2], whole[0][2], rtol=0, atol=0)

@@ -69,8 +69,7 @@ def _worker(rank, world):
             norm = minibatch_loss_normalizer([m["loss_mask"] for m in micro], "token-mean",
                                              parallel_state.get_data_parallel_group())
             out["normalizer"] = str(norm.device)
-            trainer = SimpleNamespace(stop_requested=True, reporting=False, layout=SimpleNamespace(platform=gpu, world=1),
-                                      cfg=SimpleNamespace(trainer=SimpleNamespace(run_dir="/nonexistent")))
+            trainer = SimpleNamespace(_stop_reason=lambda: "requested", layout=SimpleNamespace(platform=gpu, world=1))
             try:
                 Trainer._stop_agreed(trainer)
             except DataDependentOutputException:
