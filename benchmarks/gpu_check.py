@@ -97,7 +97,11 @@ def phase_push_unchanged(args) -> int:
 
     push_megatron_weights(trainer.engine, trainer.model, trainer.arch)
     after = trainer.engine.prompt_logprobs(prompts)
-    diff = max(abs(a - b) for pa, pb in zip(before, after) for a, b in zip(pa, pb) if a is not None and b is not None)
+    if [len(p) for p in before] != [len(p) for p in after] or not any(before):
+        diff = float("inf")
+    else:
+        diff = max(abs(a - b) for pa, pb in zip(before, after) for a, b in zip(pa, pb))
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "push.json").write_text(json.dumps({"max_abs_diff": diff}))
     return 0
 
@@ -341,19 +345,10 @@ def main(argv=None) -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=f"gpu_{name}_check_"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "phases.log"
-    for title, fn in (("training", lambda: training_checks(args, report, work, log)),
-                      ("timing", None if args.skip_timing else lambda: timing_checks(args, report))):
-        if fn is None:
-            continue
-        t = time.perf_counter()
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others
-            import traceback
-
-            traceback.print_exc()
-            report.check(f"{title} ran", False, f"{type(exc).__name__}: {exc}")
-        print(f"-- {title}: {time.perf_counter() - t:.1f} s", flush=True)
+    parts = [("training", lambda: training_checks(args, report, work, log))]
+    if not args.skip_timing:
+        parts.append(("timing", lambda: timing_checks(args, report)))
+    gpu_smoke.run_parts(report, parts)
     passed = sum(ok for _, ok, _ in report.checks)
     print(f"{'PASS' if report.passed else 'FAIL'}: {passed}/{len(report.checks)} checks passed in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -526,6 +526,20 @@ def timing(device, tokens: int, hidden: int, vocab: int, warmup: int, reps: int,
 # ------------------------------------------------------------------------------------------
 
 
+def run_parts(report: Report, parts) -> None:
+    """Runs each ``(title, fn)``; one that raises is a failed check, and the others still run."""
+    for title, fn in parts:
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others
+            import traceback
+
+            traceback.print_exc()
+            report.check(f"{title} ran", False, f"{type(exc).__name__}: {exc}")
+        print(f"-- {title}: {time.perf_counter() - t:.1f} s", flush=True)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
 
@@ -596,21 +610,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     init_distributed(device)
     try:
-        for title, fn in (
+        run_parts(report, [
             ("train", lambda: train_checks(device, report)),
             ("parity", lambda: parity_checks(device, args.shape_tokens, args.shape_hidden, args.shape_vocab, report)),
             ("timing", lambda: timing(device, args.shape_tokens, args.shape_hidden, args.shape_vocab,
                                       args.warmup, args.reps, report)),
-        ):
-            t = time.perf_counter()
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others
-                import traceback
-
-                traceback.print_exc()
-                report.check(f"{title} ran", False, f"{type(exc).__name__}: {exc}")
-            print(f"-- {title}: {time.perf_counter() - t:.1f} s", flush=True)
+        ])
     finally:
         shutdown_distributed()
     print(f"{'PASS' if report.passed else 'FAIL'}: {sum(ok for _, ok, _ in report.checks)}/{len(report.checks)} "
