@@ -65,6 +65,14 @@ class Platform:
         return self.backend != "gloo"
 
     @property
+    def packed_attention(self) -> str:
+        """How packed micro-batches keep sequences apart: megatron's THD ``packed_seq_params``
+        where transformer-engine attention runs (cu_seqlens, RoPE restarting per sequence);
+        a block-diagonal causal mask for megatron's local attention, which refuses
+        packed_seq_params (``DotProductAttention.forward`` asserts it is None)."""
+        return "thd" if self.layer_impl == "transformer_engine" else "mask"
+
+    @property
     def fused_kernels(self) -> bool:
         """megatron's bias-activation / bias-dropout fusions (torch.jit / triton on the GPU)."""
         return self.is_cuda

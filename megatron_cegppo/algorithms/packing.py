@@ -154,6 +154,33 @@ def pack_microbatches(lengths: Sequence[int], *, max_tokens: int, dp_size: int) 
     return [_best_fit_decreasing(seqs, lens, max_tokens) for seqs in per_rank]
 
 
+def split_to_multiple(packs: Sequence[Sequence[int]], lengths: Sequence[int], multiple: int) -> List[List[int]]:
+    """``packs`` (one rank's micro-batches) with some split in two until their number is a
+    multiple of ``multiple``: megatron's interleaved pipeline schedule needs the number of
+    micro-batches to be a multiple of the pipeline size. Sequences are never split: the
+    micro-batch with the most sequences (then the most tokens) is halved by tokens; a budget
+    is respected since halves only shrink. Raises ``ValueError`` when no micro-batch has two
+    sequences left to split."""
+    multiple = _positive_int(multiple, "multiple")
+    out = [list(p) for p in packs]
+    while out and len(out) % multiple:
+        splittable = [k for k, p in enumerate(out) if len(p) >= 2]
+        if not splittable:
+            raise ValueError(f"{len(out)} micro-batches of one sequence each cannot become a multiple of {multiple}: "
+                             "use a smaller token budget or fewer pipeline stages")
+        k = max(splittable, key=lambda k: (len(out[k]), sum(int(lengths[i]) for i in out[k]), -k))
+        first, second, a, b = [], [], 0, 0
+        for i in sorted(out[k], key=lambda i: (-int(lengths[i]), i)):  # greedy halves by tokens
+            if a <= b:
+                first.append(i)
+                a += int(lengths[i])
+            else:
+                second.append(i)
+                b += int(lengths[i])
+        out[k:k + 1] = [first, second]
+    return out
+
+
 def packing_stats(lengths: Sequence[int], packs: Sequence[Sequence[Sequence[int]]], max_tokens: int) -> Dict:
     """Measures of a packing (as returned by :func:`pack_microbatches`).
 

@@ -77,7 +77,11 @@ class AlgorithmConfig:
     prompts_per_step: int = 32
     minibatches: int = 2  # optimizer steps per training step (per epoch)
     epochs: int = 1
-    micro_batch_size: int = 8  # sequences per micro-batch per data-parallel rank
+    micro_batch_size: int = 8  # sequences per micro-batch per data-parallel rank (unpacked)
+    # set: sequences packed into micro-batches of this many tokens (no sequence split, none
+    # attending to another), balanced over data-parallel ranks; micro_batch_size is then unused.
+    # At least rollout.max_model_len - 1 (the longest prompt + response).
+    max_tokens_per_microbatch: Optional[int] = None
     entropy_coeff: float = 0.0
     kl_coeff: float = 0.0  # reference-model KL (off in the paper)
     tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine

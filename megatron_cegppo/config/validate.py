@@ -53,10 +53,17 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     need(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds must be >= 1")
     need(a.prompts_per_step % a.minibatches == 0,
          f"algorithm.prompts_per_step {a.prompts_per_step} must divide into {a.minibatches} mini-batches")
+    budget = a.max_tokens_per_microbatch
+    need(budget is None or budget >= r.max_model_len - 1,
+         f"algorithm.max_tokens_per_microbatch={budget} is shorter than the longest sequence: a prompt and its "
+         f"response take up to rollout.max_model_len - 1 = {r.max_model_len - 1} positions "
+         f"(rollout.max_tokens={r.max_tokens} of them the response), and a sequence is never split")
     if world_size is not None and p.tensor * p.pipeline >= 1 and world_size % (p.tensor * p.pipeline) == 0:
         dp = world_size // (p.tensor * p.pipeline)
         per_rank = a.prompts_per_step * r.n // a.minibatches
-        need(per_rank % dp == 0 and (per_rank // dp) % a.micro_batch_size == 0,
+        need(per_rank >= dp, f"a mini-batch of {per_rank} sequences cannot give each of {dp} data-parallel "
+                             "rank(s) one")
+        need(budget is not None or (per_rank % dp == 0 and (per_rank // dp) % a.micro_batch_size == 0),
              f"a mini-batch of {per_rank} sequences must split over {dp} data-parallel rank(s) into "
              f"micro-batches of algorithm.micro_batch_size={a.micro_batch_size}")
     need(o.lr > 0 and o.min_lr >= 0, "optim.lr must be > 0 and optim.min_lr >= 0")

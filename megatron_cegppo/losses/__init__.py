@@ -21,6 +21,23 @@ POLICY_LOSSES = {
     "gspo": gspo_loss,
 }
 
+# What each loss takes from the run's ``algorithm`` config section (same names there). GSPO's
+# sequence-ratio clip range (3e-4/4e-4) is of another scale than the token losses' eps, so it
+# keeps its own defaults; CISPO clips its weight from above only.
+LOSS_CONFIG_KEYS = {
+    "cegppo": ("eps_low", "eps_high", "beta1", "beta2", "clip_ratio_c"),
+    "ppo": ("eps_low", "eps_high", "clip_ratio_c"),
+    "cispo": ("eps_high",),
+    "gspo": (),
+}
+
+
+def loss_kwargs(loss: str, algorithm) -> dict:
+    """The keyword arguments of loss ``loss`` from an ``algorithm`` config section."""
+    if loss not in LOSS_CONFIG_KEYS:
+        raise ValueError(f"unknown policy loss {loss!r}; choose one of {sorted(LOSS_CONFIG_KEYS)}")
+    return {key: getattr(algorithm, key) for key in LOSS_CONFIG_KEYS[loss]}
+
 __all__ = [
     "cegppo_loss",
     "cegppo_token_loss",
@@ -30,5 +47,7 @@ __all__ = [
     "aggregate_loss",
     "loss_normalizer",
     "POLICY_LOSSES",
+    "LOSS_CONFIG_KEYS",
+    "loss_kwargs",
     "LOSS_AGG_MODES",
 ]

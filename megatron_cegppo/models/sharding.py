@@ -46,6 +46,18 @@ def tp_shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> 
     return torch.cat(pieces[rank::world], dim=dim)
 
 
+def tp_ranges(size: int, param: torch.Tensor, rank: int, world: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` index ranges along ``param.partition_dim`` (of a full dimension of
+    ``size``) that :func:`tp_shard` gives this rank, in the order it concatenates them."""
+    if world == 1 or not is_tp_sharded(param):
+        return [(0, size)]
+    stride = param.partition_stride
+    if size % (world * stride):
+        raise ValueError(f"dimension {param.partition_dim} of size {size} does not split into {world}x{stride}")
+    piece = size // (world * stride)
+    return [(i * piece, (i + 1) * piece) for i in range(rank, world * stride, world)]
+
+
 def tp_gather(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor:
     """The full tensor from every tensor-parallel rank's slice (inverse of :func:`tp_shard`)."""
     world = dist.get_world_size(group) if group is not None else 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -130,6 +130,73 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, arch: HFArchitecture) -> lis
 @functools.lru_cache(maxsize=8)
 def _rules_by_name(arch: HFArchitecture) -> dict[str, tuple]:
     return {rule[0]: rule for rule in _rules(arch)}
+
+
+def hf_shapes(arch: HFArchitecture) -> dict[str, tuple[int, ...]]:
+    """The shape the config implies for every HF tensor the mapping reads."""
+    return dict(_hf_shapes_cached(arch))
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_shapes_cached(arch: HFArchitecture) -> dict[str, tuple[int, ...]]:
+    hidden, d = arch.hidden_size, arch.head_dim
+    q, kv, ffn = arch.num_heads * d, arch.num_kv_heads * d, arch.ffn_hidden_size
+    by_suffix = {
+        "embed_tokens.weight": (arch.vocab_size, hidden), "lm_head.weight": (arch.vocab_size, hidden),
+        "norm.weight": (hidden,), "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "q_proj.weight": (q, hidden), "k_proj.weight": (kv, hidden), "v_proj.weight": (kv, hidden),
+        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.weight": (hidden, q),
+        "gate_proj.weight": (ffn, hidden), "up_proj.weight": (ffn, hidden), "down_proj.weight": (hidden, ffn),
+    }
+    shapes = {}
+    for _, hf_names, *_ in _rules(arch):
+        for hf in hf_names:
+            suffix = next(k for k in by_suffix if hf == k or hf.endswith("." + k))
+            shapes[hf] = by_suffix[suffix]
+    return shapes
+
+
+# A full megatron tensor as a run of dim-0 row ranges of HF tensors: (HF name, start, stop),
+# with None for the zero rows that pad the vocabulary. Each mirrors the merge of its rule.
+Rows = list[tuple[Optional[str], int, int]]
+
+
+def _copy_rows(arch, shapes, name) -> Rows:
+    return [(name, 0, shapes[name][0])]
+
+
+def _qkv_rows(arch, shapes, q, k, v) -> Rows:
+    d = arch.head_dim
+    per_group = (arch.num_heads // arch.num_kv_heads) * d
+    rows: Rows = []
+    for g in range(arch.num_kv_heads):
+        rows += [(q, g * per_group, (g + 1) * per_group), (k, g * d, (g + 1) * d), (v, g * d, (g + 1) * d)]
+    return rows
+
+
+def _stack_rows(arch, shapes, gate, up) -> Rows:
+    return [(gate, 0, shapes[gate][0]), (up, 0, shapes[up][0])]
+
+
+_ROW_LAYOUTS = {_copy: _copy_rows, _merge_qkv: _qkv_rows, _stack: _stack_rows}
+
+
+def hf_row_layout(name: str, arch: HFArchitecture, padded_vocab: int) -> Rows:
+    """Where each dim-0 row of the full megatron tensor ``name`` comes from: the rows
+    :func:`hf_to_megatron` builds, as ``(HF name or None for zeros, start, stop)`` ranges."""
+    name = canonical_name(name)
+    rule = _rules_by_name(arch).get(name)
+    if rule is None:
+        raise KeyError(f"no HF counterpart for megatron parameter {name!r}")
+    _, hf_names, merge, _ = rule
+    rows = _ROW_LAYOUTS[merge](arch, _hf_shapes_cached(arch), *hf_names)
+    if name in _VOCAB_ROWS:
+        if padded_vocab < arch.vocab_size:
+            raise ValueError(f"vocabulary of {arch.vocab_size} rows exceeds the padded size {padded_vocab}")
+        if padded_vocab > arch.vocab_size:
+            rows.append((None, 0, padded_vocab - arch.vocab_size))
+    return rows
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

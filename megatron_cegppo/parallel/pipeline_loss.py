@@ -14,11 +14,10 @@ every aggregation mode. The schedule divides each returned loss by ``num_microba
 megatron's DDP averages gradients over data-parallel ranks, so the returned loss is multiplied
 by ``num_microbatches * dp_world_size`` to undo both.
 
-Micro-batch fields (``[micro_batch, seq]`` tensors, label-aligned: position ``t`` scores
-``labels[:, t]``, the token after ``input_ids[:, t]``): ``input_ids``, ``position_ids``,
-``labels``, ``loss_mask`` (1 on response tokens), ``old_log_prob``, ``advantages``,
-``loss_normalizer`` (0-dim), and optionally ``attention_mask`` and ``ref_log_prob`` (for a
-reference-model KL term).
+Micro-batches are :class:`~megatron_cegppo.parallel.microbatch.MicroBatch` objects (or
+mappings of its field names), unpacked or packed: the per-token log-probs and entropy are
+computed in the model's layout and mapped into the loss's one-row-per-sequence layout before
+any loss, so packing never changes what a loss or an aggregation mode sees.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from megatron_cegppo.losses import LOSS_AGG_MODES, POLICY_LOSSES, aggregate_loss, loss_normalizer
 from megatron_cegppo.losses.statistics import masked_mean
 from megatron_cegppo.models.gpt import unwrap_model
+from megatron_cegppo.parallel.microbatch import MicroBatch, as_microbatch
 from megatron_cegppo.parallel.vocab_parallel import (
     fused_vocab_parallel_logprobs_entropy,
     vocab_parallel_logprobs_entropy,
@@ -143,30 +143,37 @@ def _token_logprobs_entropy(spec: PolicyLossSpec, core, output, labels):
     return vocab_parallel_logprobs_entropy(output, labels, **kw)
 
 
-def _run_model(model, batch: Mapping[str, torch.Tensor], spec: PolicyLossSpec):
+def _run_model(model, batch: MicroBatch, spec: PolicyLossSpec):
     core = unwrap_model(model)
     set_output_hidden_states(core, spec.logprob_impl == "fused")
-    output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
+    extra = {"packed_seq_params": batch.packed_seq_params} if batch.packed_seq_params is not None else {}
+    output = model(batch.input_ids, batch.position_ids, batch.attention_mask, **extra)
     return core, output
 
 
-def _policy_loss_func(spec: PolicyLossSpec, batch, core, scale: float, output):
-    mask = batch["loss_mask"].bool()
-    log_prob, entropy = _token_logprobs_entropy(spec, core, output, batch["labels"])
+def _sequence_logprobs_entropy(spec: PolicyLossSpec, core, output, batch: MicroBatch):
+    """Per-token log-probs and entropy in the loss's ``[sequences, seq_len]`` layout."""
+    log_prob, entropy = _token_logprobs_entropy(spec, core, output, batch.labels)
+    return batch.to_sequences(log_prob), batch.to_sequences(entropy)
+
+
+def _policy_loss_func(spec: PolicyLossSpec, batch: MicroBatch, core, scale: float, output):
+    mask = batch.loss_mask.bool()
+    log_prob, entropy = _sequence_logprobs_entropy(spec, core, output, batch)
     loss, metrics = POLICY_LOSSES[spec.loss](
-        log_prob, batch["old_log_prob"], batch["advantages"], mask,
-        loss_agg_mode=spec.loss_agg_mode, normalizer=batch["loss_normalizer"],
+        log_prob, batch.old_log_prob, batch.advantages, mask,
+        loss_agg_mode=spec.loss_agg_mode, normalizer=batch.loss_normalizer,
         entropy=entropy.detach(), **dict(spec.loss_kwargs),
     )
     if spec.entropy_coeff:
-        bonus = aggregate_loss(entropy, mask, spec.loss_agg_mode, normalizer=batch["loss_normalizer"])
+        bonus = aggregate_loss(entropy, mask, spec.loss_agg_mode, normalizer=batch.loss_normalizer)
         loss = loss - spec.entropy_coeff * bonus
     metrics = dict(metrics)
     if spec.kl_coeff:
         from megatron_cegppo.algorithms.advantages import kl_penalty
 
-        kl = kl_penalty(log_prob, batch["ref_log_prob"], kind=spec.kl_kind)
-        loss = loss + spec.kl_coeff * aggregate_loss(kl, mask, spec.loss_agg_mode, normalizer=batch["loss_normalizer"])
+        kl = kl_penalty(log_prob, batch.ref_log_prob, kind=spec.kl_kind)
+        loss = loss + spec.kl_coeff * aggregate_loss(kl, mask, spec.loss_agg_mode, normalizer=batch.loss_normalizer)
         metrics["kl_ref"] = masked_mean(kl.detach(), mask)
     metrics["loss"] = loss.detach()
     metrics["entropy"] = masked_mean(entropy.detach(), mask)
@@ -186,26 +193,26 @@ def make_policy_forward_step(
     scale = float(num_microbatches * dp_world_size)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = as_microbatch(next(data_iterator))
         core, output = _run_model(model, batch, spec)
         return output, partial(_policy_loss_func, spec, batch, core, scale)
 
     return forward_step
 
 
-def _logprob_loss_func(spec: PolicyLossSpec, batch, core, output):
-    log_prob, entropy = _token_logprobs_entropy(spec, core, output, batch["labels"])
+def _logprob_loss_func(spec: PolicyLossSpec, batch: MicroBatch, core, output):
+    log_prob, entropy = _sequence_logprobs_entropy(spec, core, output, batch)
     zero = log_prob.new_zeros(())
     return zero, {"log_prob": log_prob.detach(), "entropy": entropy.detach()}
 
 
 def make_logprob_forward_step(spec: PolicyLossSpec) -> Callable:
     """A ``forward_step_func`` for ``forward_only=True`` runs: the last stage returns each
-    micro-batch's per-token ``log_prob`` and ``entropy`` (e.g. the old policy's log-probs
-    before an update). Only ``input_ids``, ``position_ids`` and ``labels`` are read."""
+    micro-batch's per-token ``log_prob`` and ``entropy`` in the loss's layout (e.g. the old
+    policy's log-probs before an update). The loss fields are not read."""
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = as_microbatch(next(data_iterator))
         core, output = _run_model(model, batch, spec)
         return output, partial(_logprob_loss_func, spec, batch, core)
 

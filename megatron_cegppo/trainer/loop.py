@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_cegppo.algorithms.advantages import grpo_advantages
 from megatron_cegppo.checkpoint.store import CheckpointStore
 from megatron_cegppo.config import Config, to_dict
+from megatron_cegppo.parallel.microbatch import MicroBatch
 from megatron_cegppo.trainer.distributed import Layout, init_distributed
 from megatron_cegppo.trainer.stopping import (
     StopClock, clear_stopped_marker, load_timing, save_timing, stop_file_present, stop_file_urgent,
@@ -27,6 +28,22 @@ from megatron_cegppo.trainer.stopping import (
 
 class StepAbandoned(Exception):
     """A step given up before its update because the job is being preempted."""
+
+
+@dataclasses.dataclass
+class StepRollout:
+    """A step's trained groups, flattened: one completion per row."""
+
+    completions: list
+    prompts: dict  # prompt index -> token ids
+    rewards: torch.Tensor  # [groups, n]
+    advantages: torch.Tensor  # [completions]
+    seq_len: int  # the longest prompt + response, label-aligned, padded to 8 x TP
+
+    def length(self, i: int) -> int:
+        """Model positions of completion ``i`` (prompt + response - 1, label-aligned)."""
+        c = self.completions[i]
+        return len(self.prompts[c.prompt_index]) + len(c.token_ids) - 1
 
 
 def _seed_everything(seed: int) -> None:
@@ -87,7 +104,8 @@ class Trainer:
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config, read_hf_state
+        from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config
+        from megatron_cegppo.losses import loss_kwargs
         from megatron_cegppo.parallel.pipeline_loss import PolicyLossSpec
         from megatron_cegppo.trainer.optim import build_optimizer
 
@@ -110,45 +128,41 @@ class Trainer:
             )
 
         self.arch, self.tconfig, chunks, padded = build()
-        hf_state = read_hf_state(cfg.model.path)
-        import_hf_weights(chunks, hf_state, self.arch, padded)
+        # only this rank's slices of its stage's tensors are read from the folder
+        import_hf_weights(chunks, cfg.model.path, self.arch, padded)
         self.reference = None
         if cfg.algorithm.kl_coeff > 0:  # the starting policy, frozen, for the KL term
             _, _, self.reference, _ = build()
-            import_hf_weights(self.reference, hf_state, self.arch, padded)
+            import_hf_weights(self.reference, cfg.model.path, self.arch, padded)
             for chunk in self.reference:
                 chunk.requires_grad_(False)
-        del hf_state
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
         self.model = [DistributedDataParallel(self.tconfig, ddp_config, c) for c in chunks]
         self.optimizer = build_optimizer(cfg.optim, self.model, bf16=bf16)
         a = cfg.algorithm
-        kwargs = {"cegppo": dict(eps_low=a.eps_low, eps_high=a.eps_high, beta1=a.beta1, beta2=a.beta2,
-                                 clip_ratio_c=a.clip_ratio_c),
-                  "ppo": dict(eps_low=a.eps_low, eps_high=a.eps_high, clip_ratio_c=a.clip_ratio_c),
-                  "cispo": dict(eps_high=a.eps_high), "gspo": {}}[a.loss]
-        self.spec = PolicyLossSpec(loss=a.loss, loss_kwargs=kwargs, loss_agg_mode=a.loss_agg_mode,
+        self.spec = PolicyLossSpec(loss=a.loss, loss_kwargs=loss_kwargs(a.loss, a), loss_agg_mode=a.loss_agg_mode,
                                    temperature=cfg.rollout.temperature, vocab_size=self.arch.vocab_size,
                                    logprob_impl=cfg.model.logprob_impl, entropy_coeff=a.entropy_coeff,
                                    kl_coeff=a.kl_coeff)
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _schedule(self, forward_step, microbatches, seq_len, forward_only=False, chunks=None):
+    def _schedule(self, forward_step, microbatches, forward_only=False, chunks=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         chunks = self.model if chunks is None else chunks
         model = chunks if len(chunks) > 1 else chunks[0]
         data = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+        rows, tokens = microbatches[0].input_ids.shape  # one shape per call: p2p buffers are sized by it
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=model,
-            num_microbatches=len(microbatches), seq_length=seq_len,
-            micro_batch_size=microbatches[0]["input_ids"].shape[0], forward_only=forward_only,
+            num_microbatches=len(microbatches), seq_length=tokens, micro_batch_size=rows,
+            forward_only=forward_only,
         )
 
     def _my_rows(self, total: int) -> list[list[int]]:
-        """This data-parallel rank's rows of each mini-batch."""
+        """Unpacked: this data-parallel rank's rows of each mini-batch."""
         L, mbs = self.layout, self.cfg.algorithm.minibatches
         per_mb = total // mbs
         per_rank = per_mb // L.dp
@@ -156,91 +170,163 @@ class Trainer:
                 for m in range(mbs)]
 
     def train_step(self, step: int, timer) -> dict:
-        from megatron_cegppo.parallel.pipeline_loss import (
-            make_logprob_forward_step, make_policy_forward_step, minibatch_loss_normalizer, reduce_microbatch_metrics,
-        )
-        from megatron_cegppo.rollout.batch import build_microbatches
-        from megatron_cegppo.rollout.mismatch import logprob_mismatch, truncated_importance_weights
-        from megatron_cegppo.rollout.weight_sync import push_megatron_weights
-        from megatron_cegppo.trainer.optim import learning_rate, set_learning_rate
-
-        cfg, a, L = self.cfg, self.cfg.algorithm, self.layout
-        n = self.sampling.n
+        """One RL step, phase by phase: generate (vLLM; each response scored by the reward as
+        it comes, for dynamic sampling), advantages, pack, recompute log-probs, update, sync."""
+        a = self.cfg.algorithm
         with timer.phase("generate"):
             groups, seen_rewards, sampling_stats = self.rollout.collect(
                 self.sampler, step=step, num_prompts=a.prompts_per_step, dynamic=a.dynamic_sampling,
                 max_rounds=a.max_sampling_rounds)
             self.engine.sleep()  # GPU: frees vLLM's memory for training; a no-op on the CPU
         self._abandon_if_preempted(step)
+        with timer.phase("advantages"):
+            rollout = self._advantages(groups)
+        with timer.phase("pack"):
+            minibatches = self._pack(rollout)
+        with timer.phase("old_log_prob"):
+            mismatch = self._recompute_log_probs(minibatches)
+        self._abandon_if_preempted(step)  # the last point before the weights change
+        with timer.phase("train"):
+            stores, grad_norms = self._update(minibatches)
+        with timer.phase("weight_sync"):
+            self._sync_weights()
+        return self._step_metrics(rollout, minibatches, stores, grad_norms, mismatch, seen_rewards, sampling_stats)
+
+    def _advantages(self, groups) -> "StepRollout":
+        a = self.cfg.algorithm
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        advantages = grpo_advantages(rewards, n, normalize_std=a.normalize_advantage_std)
         completions = [c for g in groups for c in g.completions]
         prompts = {g.prompt_index: g.prompt_ids for g in groups}
         longest = max(len(prompts[c.prompt_index]) + len(c.token_ids) for c in completions) - 1
-        multiple = 8 * L.tp
-        seq_len = -(-longest // multiple) * multiple
+        multiple = 8 * self.layout.tp
+        return StepRollout(completions=completions, prompts=prompts, rewards=rewards,
+                           advantages=grpo_advantages(rewards, self.sampling.n, normalize_std=a.normalize_advantage_std),
+                           seq_len=-(-longest // multiple) * multiple)
 
-        with timer.phase("old_log_prob"):
-            minibatches = []
-            for rows in self._my_rows(len(completions)):
-                micro = build_microbatches(prompts, [completions[i] for i in rows], advantages[rows],
-                                           pad_id=self.pad_id, seq_len=seq_len,
-                                           micro_batch_size=a.micro_batch_size, place=L.platform.place)
+    def _pack(self, rollout: "StepRollout") -> list[list[MicroBatch]]:
+        """This rank's micro-batches of each mini-batch, on the model's device. Packed (with
+        ``algorithm.max_tokens_per_microbatch``): the mini-batch's sequences balanced over the
+        data-parallel ranks by real tokens and packed into rows of the budget (padded to the
+        TP/SP multiple); every micro-batch has that one shape, as pipeline schedules need.
+        Unpacked: ``micro_batch_size`` rows padded to the step's longest sequence."""
+        from megatron_cegppo.algorithms.packing import pack_microbatches, split_to_multiple
+        from megatron_cegppo.rollout.batch import build_microbatches
+
+        a, L = self.cfg.algorithm, self.layout
+        common = dict(pad_id=self.pad_id, seq_len=rollout.seq_len, place=L.platform.place)
+        minibatches = []
+        for rows in self._my_rows(len(rollout.completions)) if a.max_tokens_per_microbatch is None else \
+                self._minibatch_rows(len(rollout.completions)):
+            if a.max_tokens_per_microbatch is None:
+                minibatches.append(build_microbatches(
+                    rollout.prompts, [rollout.completions[i] for i in rows], rollout.advantages[rows],
+                    micro_batch_size=a.micro_batch_size, **common))
+                continue
+            lengths = [rollout.length(i) for i in rows]
+            mine = pack_microbatches(lengths, max_tokens=a.max_tokens_per_microbatch, dp_size=L.dp)[L.dp_rank]
+            if self.cfg.parallel.virtual_pipeline:
+                mine = split_to_multiple(mine, lengths, L.pp)
+            chosen = sorted(j for pack in mine for j in pack)  # positions in ``rows`` of my sequences
+            where = {j: k for k, j in enumerate(chosen)}
+            multiple = 8 * L.tp
+            minibatches.append(build_microbatches(
+                rollout.prompts, [rollout.completions[rows[j]] for j in chosen],
+                rollout.advantages[[rows[j] for j in chosen]],
+                packs=[[where[j] for j in pack] for pack in mine],
+                packed_tokens=-(-a.max_tokens_per_microbatch // multiple) * multiple,
+                attention=L.platform.packed_attention, **common))
+        return minibatches
+
+    def _minibatch_rows(self, total: int) -> list[list[int]]:
+        """Packed: every row of each mini-batch (the packer gives each rank its share)."""
+        per_mb = total // self.cfg.algorithm.minibatches
+        return [list(range(m * per_mb, (m + 1) * per_mb)) for m in range(self.cfg.algorithm.minibatches)]
+
+    def _recompute_log_probs(self, minibatches: list[list[MicroBatch]]) -> dict:
+        """The current (old) policy's log-probs, and the reference model's for a KL term, into
+        each micro-batch; the train/rollout mismatch; truncated importance weights."""
+        from megatron_cegppo.parallel.pipeline_loss import make_logprob_forward_step
+        from megatron_cegppo.rollout.mismatch import logprob_mismatch, truncated_importance_weights
+
+        a, L = self.cfg.algorithm, self.layout
+        forward = make_logprob_forward_step(self.spec)
+        for micro in minibatches:
+            with torch.no_grad():
+                out = self._schedule(forward, micro, forward_only=True)
+            for m, o in zip(micro, out or [{}] * len(micro)):
+                m.old_log_prob = o.get("log_prob", torch.zeros_like(m.loss_mask))
+            if self.reference is not None:
                 with torch.no_grad():
-                    out = self._schedule(make_logprob_forward_step(self.spec), micro, seq_len, forward_only=True)
-                for m, o in zip(micro, out or [{}] * len(micro)):
-                    m["old_log_prob"] = o.get("log_prob", torch.zeros_like(m["loss_mask"]))
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref = self._schedule(make_logprob_forward_step(self.spec), micro, seq_len,
-                                             forward_only=True, chunks=self.reference)
-                    for m, o in zip(micro, ref or [{}] * len(micro)):
-                        m["ref_log_prob"] = o.get("log_prob", torch.zeros_like(m["loss_mask"]))
-                minibatches.append(micro)
-            mismatch = {}
-            if L.is_last_stage:
-                cat = {k: torch.cat([m[k] for mb in minibatches for m in mb]) for k in
-                       ("rollout_log_prob", "old_log_prob", "loss_mask")}
-                mismatch = logprob_mismatch(cat["rollout_log_prob"], cat["old_log_prob"], cat["loss_mask"])
-                if a.tis_cap is not None:
-                    for mb in minibatches:
-                        for m in mb:
-                            m["advantages"] = m["advantages"] * truncated_importance_weights(
-                                m["old_log_prob"], m["rollout_log_prob"], a.tis_cap)
+                    ref = self._schedule(forward, micro, forward_only=True, chunks=self.reference)
+                for m, o in zip(micro, ref or [{}] * len(micro)):
+                    m.ref_log_prob = o.get("log_prob", torch.zeros_like(m.loss_mask))
+        if not L.is_last_stage:
+            return {}
+        every = [m for micro in minibatches for m in micro]
+        mismatch = logprob_mismatch(torch.cat([m.rollout_log_prob for m in every]),
+                                    torch.cat([m.old_log_prob for m in every]), torch.cat([m.loss_mask for m in every]))
+        if a.tis_cap is not None:
+            for m in every:
+                m.advantages = m.advantages * truncated_importance_weights(m.old_log_prob, m.rollout_log_prob, a.tis_cap)
+        return mismatch
 
-        self._abandon_if_preempted(step)  # the last point before the weights change
+    def _update(self, minibatches: list[list[MicroBatch]]):
+        """One optimizer step per mini-batch and epoch."""
+        from megatron_cegppo.parallel.pipeline_loss import make_policy_forward_step, minibatch_loss_normalizer
+        from megatron_cegppo.trainer.optim import learning_rate, set_learning_rate
+
+        cfg, a, L = self.cfg, self.cfg.algorithm, self.layout
         stores, grad_norms = [], []
-        with timer.phase("train"):
-            for _ in range(a.epochs):
-                for micro in minibatches:
-                    norm = minibatch_loss_normalizer([m["loss_mask"] for m in micro], a.loss_agg_mode, L.dp_group)
-                    for m in micro:
-                        m["loss_normalizer"] = norm
-                    set_learning_rate(self.optimizer, learning_rate(cfg.optim, self.optimizer_steps,
-                                                                    cfg.trainer.steps * a.minibatches * a.epochs))
-                    forward_step = make_policy_forward_step(self.spec, num_microbatches=len(micro), dp_world_size=L.dp)
-                    stores.extend(self._schedule(forward_step, micro, seq_len) or [])
-                    _, grad_norm, _ = self.optimizer.step()
-                    if grad_norm is not None:
-                        grad_norms.append(float(grad_norm))
-                    for chunk in self.model:
-                        chunk.zero_grad_buffer()
-                    self.optimizer.zero_grad()
-                    self.optimizer_steps += 1
+        for _ in range(a.epochs):
+            for micro in minibatches:
+                norm = minibatch_loss_normalizer([m.loss_mask for m in micro], a.loss_agg_mode, L.dp_group)
+                for m in micro:
+                    m.loss_normalizer = norm
+                set_learning_rate(self.optimizer, learning_rate(cfg.optim, self.optimizer_steps,
+                                                                cfg.trainer.steps * a.minibatches * a.epochs))
+                forward_step = make_policy_forward_step(self.spec, num_microbatches=len(micro), dp_world_size=L.dp)
+                stores.extend(self._schedule(forward_step, micro) or [])
+                _, grad_norm, _ = self.optimizer.step()
+                if grad_norm is not None:
+                    grad_norms.append(float(grad_norm))
+                for chunk in self.model:
+                    chunk.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                self.optimizer_steps += 1
+        return stores, grad_norms
 
-        with timer.phase("weight_sync"):
-            push_megatron_weights(self.engine, self.model, self.arch, bucket_bytes=cfg.rollout.weight_bucket_bytes)
+    def _sync_weights(self) -> None:
+        from megatron_cegppo.rollout.weight_sync import push_megatron_weights
+
+        push_megatron_weights(self.engine, self.model, self.arch, bucket_bytes=self.cfg.rollout.weight_bucket_bytes)
+
+    def _token_counts(self, minibatches: list[list[MicroBatch]]) -> dict:
+        """Real and computed tokens of the step's forward passes (the recompute, the reference
+        and every epoch's update), over all data-parallel replicas: what padding costs."""
+        a = self.cfg.algorithm
+        passes = 1 + (self.reference is not None) + a.epochs
+        every = [m for micro in minibatches for m in micro]
+        counts = self.layout.platform.tensor([sum(m.real_tokens for m in every) * passes,
+                                              sum(m.computed_tokens for m in every) * passes], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(counts, group=self.layout.dp_group)
+        real, computed = (float(x) for x in counts.tolist())
+        return {"tokens/real": real, "tokens/computed": computed, "tokens/computed_per_real": computed / max(real, 1.0)}
+
+    def _step_metrics(self, rollout, minibatches, stores, grad_norms, mismatch, seen_rewards, sampling_stats) -> dict:
+        from megatron_cegppo.parallel.pipeline_loss import reduce_microbatch_metrics
 
         local = dict(reduce_microbatch_metrics(stores)) if stores else {}
         local.update(mismatch)
-        lengths = [len(c.token_ids) for c in completions]
+        lengths = [len(c.token_ids) for c in rollout.completions]
         metrics = {
             "reward_mean": float(np.mean(seen_rewards)),
-            "reward_mean_trained": float(rewards.mean()),
+            "reward_mean_trained": float(rollout.rewards.mean()),
             "response_length_mean": float(np.mean(lengths)),
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens": sum(lengths) + sum(len(prompts[c.prompt_index]) for c in completions),
+            "tokens": sum(lengths) + sum(len(rollout.prompts[c.prompt_index]) for c in rollout.completions),
+            **self._token_counts(minibatches),
             **sampling_stats,
         }
         return self._merge_across_ranks(local, metrics)

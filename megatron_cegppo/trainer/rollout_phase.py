@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_cegppo.algorithms.dynamic_sampling import DynamicSampler
+from megatron_cegppo.platform import current_platform
 from megatron_cegppo.rewards.registry import compute_rewards
 from megatron_cegppo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from megatron_cegppo.rollout.exchange import SampledGroup, share_groups
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Group:
     prompt_ids: list[int]
     completions: list[Completion]
     rewards: list[float]
+    # the responses' texts: only on the ranks whose engine generated them (they do not travel
+    # between ranks; rewards are computed before the exchange)
     texts: list[str] = field(default_factory=list)
 
 
@@ -57,12 +61,28 @@ class RolloutPhase:
             texts = [c.text for c in cs]
             rewards = compute_rewards(self.reward, texts, [self.prompts[index]["answer"]] * len(cs))
             groups.append(Group(index, list(self.prompts[index]["token_ids"]), cs, rewards, texts))
-        gathered = [groups]
         if dist.is_initialized() and L.world > 1:
-            gathered = [None] * L.world
-            dist.all_gather_object(gathered, groups if L.rollout_leader else [])
-        by_index = {g.prompt_index: g for part in gathered for g in part}
+            groups = self._share(groups, L.rollout_leader)
+        by_index = {g.prompt_index: g for g in groups}
         return [by_index[i] for i in indices]
+
+    def _share(self, groups: list[Group], send: bool) -> list[Group]:
+        """Every engine's groups on every rank, as flat tensors (the leaders' groups travel;
+        texts do not: they are kept only for the groups this rank's engine generated)."""
+        local_texts = {g.prompt_index: g.texts for g in groups}
+        shared = share_groups([SampledGroup(g.prompt_index, g.completions, g.rewards) for g in groups],
+                              send=send, device=current_platform().device)
+        result = []
+        for s in shared:
+            texts = local_texts.get(s.prompt_index, [])
+            if len(texts) == len(s.completions):
+                for c, text in zip(s.completions, texts):
+                    c.text = text
+            else:
+                texts = []
+            result.append(Group(s.prompt_index, list(self.prompts[s.prompt_index]["token_ids"]),
+                                s.completions, s.rewards, list(texts)))
+        return result
 
     def collect(self, sampler, *, step: int, num_prompts: int, dynamic: bool, max_rounds: int):
         """``num_prompts`` groups for training, the rewards of every response sampled, and

@@ -178,3 +178,17 @@ def test_distributions_are_long_tailed():
     assert 10 < a.max() / np.median(a) <= 17
     b = bimodal_lengths(np.random.default_rng(0))
     assert 0.15 < np.mean(b == 16384) < 0.25 and 1500 < np.median(b[b < 16384]) < 2600
+
+
+def test_split_to_multiple_keeps_every_sequence_and_the_budget():
+    from megatron_cegppo.algorithms.packing import split_to_multiple
+
+    lengths = [10, 9, 8, 3, 2, 2, 1]
+    packs = [[0, 4, 5], [1, 3, 6], [2]]
+    out = split_to_multiple(packs, lengths, 2)
+    assert len(out) == 4
+    assert sorted(i for p in out for i in p) == list(range(len(lengths)))
+    assert max(sum(lengths[i] for i in p) for p in out) <= max(sum(lengths[i] for i in p) for p in packs)
+    assert split_to_multiple(packs, lengths, 3) == packs  # already a multiple
+    with pytest.raises(ValueError, match="cannot become a multiple of 2"):
+        split_to_multiple([[0], [1], [2]], lengths, 2)
