@@ -176,7 +176,7 @@ def training_checks(args, report, work: Path, log: Path) -> None:
     report.check("update", all(math.isfinite(n) and n > 0 for n in norms),
                  "grad norms " + ", ".join(f"{n:.3g}" for n in norms))
     if sa["pushes"] is not None:
-        report.check("weight push", sa["pushes"] == STEPS and sa["pushed_bytes"] == STEPS * sa["hf_bytes"],
+        report.check("weight push", sa["pushes"] == STEPS + 1 and sa["pushed_bytes"] == (STEPS + 1) * sa["hf_bytes"],
                      f"{sa['pushes']} pushes of {sa['pushed_bytes'] // max(1, sa['pushes'])} bytes "
                      f"(the HF model: {sa['hf_bytes']})")
 

@@ -85,6 +85,9 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM as they are
     # 2: weights discarded while asleep (every push rewrites them); 1: offloaded to host memory
     sleep_level: int = 2
+    # "dummy": the engine starts with random weights and takes the trainer's first push (the
+    # HF folder's weights are read once, by the trainer's sliced load); "auto": from the folder
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sleep_level not in SLEEP_LEVELS:
@@ -114,7 +117,7 @@ class RolloutEngine:
             model=model_path, dtype=config.dtype, tensor_parallel_size=config.tensor_parallel_size,
             distributed_executor_backend="external_launcher", max_model_len=config.max_model_len,
             seed=seed, enforce_eager=not on_gpu, skip_tokenizer_init=skip_tokenizer_init,
-            logprobs_mode="processed_logprobs", **memory, **config.extra,
+            logprobs_mode="processed_logprobs", load_format=config.load_format, **memory, **config.extra,
         )
         self._sleeping: set[str] = set()  # the tags vLLM holds asleep
         self._weights_discarded = False  # a level-2 sleep since the last push

@@ -84,7 +84,8 @@ class Trainer:
         self.engine = engine if engine is not None else RolloutEngine(
             cfg.model.path,
             EngineConfig(tensor_parallel_size=r.tensor_parallel, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
-                         kv_cache_bytes=r.kv_cache_bytes, gpu_memory_utilization=r.gpu_memory_utilization),
+                         kv_cache_bytes=r.kv_cache_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
+                         load_format="dummy"),  # its weights come from the trainer's first push
             seed=cfg.trainer.seed,
         )
         self.sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
@@ -98,6 +99,9 @@ class Trainer:
         self.stop_requested = False
         self.store = CheckpointStore(Path(cfg.trainer.run_dir) / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self._resume()
+        # the engine started without the folder's weights: it gets Megatron's (the starting or
+        # the resumed ones) before its first generation
+        self._sync_weights()
 
     def _build_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -382,7 +386,6 @@ class Trainer:
         from megatron_cegppo.checkpoint import CheckpointError
         from megatron_cegppo.checkpoint.megatron_state import load_model_and_optimizer
         from megatron_cegppo.checkpoint.rng import restore_rng_state
-        from megatron_cegppo.rollout.weight_sync import push_megatron_weights
 
         box = [None]
         if self.reporting:
@@ -409,7 +412,6 @@ class Trainer:
         rng_file = path / "rng" / f"rank_{self.layout.rank:05d}.pt"
         if state["world_size"] == self.layout.world and rng_file.exists():
             restore_rng_state(torch.load(rng_file, weights_only=True))
-        push_megatron_weights(self.engine, self.model, self.arch, bucket_bytes=self.cfg.rollout.weight_bucket_bytes)
         if self.reporting:
             print(f"[megatron-cegppo] resumed from {path} at step {self.start_step}", flush=True)
 
