@@ -1,9 +1,9 @@
 """RL algorithm pieces around the policy loss: group advantages, KL penalty, DAPO dynamic
-sampling, and minibatch/microbatch splitting."""
+sampling, and packing sequences into token-budget micro-batches (``algorithms.packing``)."""
 
 from .advantages import KL_KINDS, group_all_equal, grpo_advantages, kl_penalty, reshape_groups
 from .dynamic_sampling import DynamicSampler, DynamicSamplingResult, dynamic_sampling_filter
-from .minibatch import microbatches, split_minibatches
+from .packing import pack_microbatches, packing_stats, split_to_multiple
 
 __all__ = [
     "KL_KINDS",
@@ -14,6 +14,7 @@ __all__ = [
     "DynamicSampler",
     "DynamicSamplingResult",
     "dynamic_sampling_filter",
-    "microbatches",
-    "split_minibatches",
+    "pack_microbatches",
+    "packing_stats",
+    "split_to_multiple",
 ]

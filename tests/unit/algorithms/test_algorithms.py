@@ -14,8 +14,6 @@ from megatron_cegppo.algorithms import (
     dynamic_sampling_filter,
     grpo_advantages,
     kl_penalty,
-    microbatches,
-    split_minibatches,
 )
 
 # ---- advantages -------------------------------------------------------------------------
@@ -179,21 +177,3 @@ def test_dynamic_sampler_errors():
 
 
 # ---- minibatches ------------------------------------------------------------------------
-
-
-def test_split_minibatches():
-    assert split_minibatches(6, 3) == [[0, 1], [2, 3], [4, 5]]
-    assert split_minibatches(4, 1) == [[0, 1, 2, 3]]
-    with pytest.raises(ValueError, match="cannot split 7 items into 3 equal minibatches"):
-        split_minibatches(7, 3)
-    with pytest.raises(ValueError, match="num_minibatches"):
-        split_minibatches(4, 0)
-
-
-def test_microbatches():
-    assert microbatches([5, 3, 9, 1], 2) == [[5, 3], [9, 1]]
-    assert microbatches(list(range(3)), 3) == [[0, 1, 2]]
-    with pytest.raises(ValueError, match="cannot split 5 items into microbatches of 2"):
-        microbatches(list(range(5)), 2)
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        microbatches([1], 0)
