@@ -9,7 +9,7 @@
 Every rank is a rollout leader with ``--completions`` completions (``--n`` per prompt) of about
 ``--tokens`` tokens each (uniform within +-25%), float32 log-probs and a text of 4 characters
 per token. Each timing is the slowest rank's wall time, from a barrier to the Groups of every
-rank in hand; median of ``--reps`` after one warmup. The run also checks that both give the
+rank in hand; median (and minimum) of ``--reps`` after one warmup. The run also checks that both give the
 same token ids, log-probs, rewards, finish reasons and prompt indices on every rank.
 
 Bytes: "sent" is what one rank contributes (old: its pickle; new: its int32 buffer); the old
@@ -76,7 +76,7 @@ def slowest(seconds, device):
 
 def worker(rank, world, completions, n, tokens, reps):
     from megatron_cegppo.platform import current_platform
-    from megatron_cegppo.rollout.exchange import SampledGroup, pack_groups, unpack_groups
+    from megatron_cegppo.rollout.exchange import SampledGroup, exchange_buffers, pack_groups, unpack_groups
     from megatron_cegppo.trainer.distributed import Layout
     from megatron_cegppo.trainer.rollout_phase import RolloutPhase
 
@@ -95,10 +95,16 @@ def worker(rank, world, completions, n, tokens, reps):
     def new():
         return phase._share(groups, True)
 
-    times = {"old": [], "new": []}
+    prepacked = pack_groups([SampledGroup(g.prompt_index, g.completions, g.rewards) for g in groups])
+
+    def collectives():
+        return exchange_buffers(prepacked, device=device)
+
+    times = {"old": [], "new": [], "collectives": []}
     results = {}
     for i in range(reps + 1):
-        for name, fn in (("old", old), ("new", new)):
+        for name, fn in (("old", old), ("new", new), ("collectives", collectives)):
+            results.pop(name, None)  # the previous result is freed outside the timing
             dist.barrier()
             start = time.perf_counter()
             results[name] = fn()
@@ -116,7 +122,7 @@ def worker(rank, world, completions, n, tokens, reps):
     buf = io.BytesIO()
     pickle.Pickler(buf).dump(groups)  # what all_gather_object sends
     return {
-        "same": same, "old_s": times["old"], "new_s": times["new"],
+        "same": same, "old_s": times["old"], "new_s": times["new"], "collectives_s": times["collectives"],
         "old_bytes": len(buf.getvalue()), "new_bytes": packed.numel() * 4,
         "tokens": sum(len(c.token_ids) for g in groups for c in g.completions),
         "pack_s": pack_s, "unpack_s": unpack_s,
@@ -129,7 +135,7 @@ def main():
     parser.add_argument("--completions", type=int, default=256, help="per rank")
     parser.add_argument("--n", type=int, default=8, help="completions per prompt")
     parser.add_argument("--tokens", type=int, default=2000, help="mean tokens per completion")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -142,12 +148,17 @@ def main():
     same = all(r["same"] for r in ranks)
     print(f"{args.ranks} ranks x {args.completions} completions x ~{args.tokens} tokens "
           f"({tokens:,} tokens in all), gloo, median of {args.reps}")
-    print(f"old (all_gather_object of Groups): {old:8.3f} s   sent per rank {old_bytes / 2**20:8.1f} MiB"
+    print(f"old (all_gather_object of Groups): {old:8.3f} s (min {min(r0['old_s']):.3f})"
+          f"   sent per rank {old_bytes / 2**20:8.1f} MiB"
           f"   received per rank {args.ranks * old_bytes / 2**20:8.1f} MiB")
-    print(f"new (tensors)                    : {new:8.3f} s   sent per rank {new_bytes / 2**20:8.1f} MiB"
+    print(f"new (tensors)                    : {new:8.3f} s (min {min(r0['new_s']):.3f})"
+          f"   sent per rank {new_bytes / 2**20:8.1f} MiB"
           f"   received per rank {sum(r['new_bytes'] for r in ranks) / 2**20:8.1f} MiB")
-    print(f"new / old time: {new / old:.3f} (old / new {old / new:.2f}x); "
+    print(f"new / old time: median {new / old:.3f} (old / new {old / new:.2f}x), "
+          f"min {min(r0['new_s']) / min(r0['old_s']):.3f}; "
           f"bytes per rank new / old: {new_bytes / old_bytes:.3f}")
+    print(f"new, collectives only (sizes + broadcasts of packed buffers): "
+          f"{statistics.median(r0['collectives_s']):.3f} s (min {min(r0['collectives_s']):.3f})")
     print(f"of which pack {r0['pack_s']:.3f} s, unpack of one rank's buffer {r0['unpack_s']:.3f} s (rank 0)")
     print(f"same groups on every rank: {same}")
     print(f"total run time {time.perf_counter() - start:.1f} s")

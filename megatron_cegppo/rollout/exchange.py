@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -59,66 +60,71 @@ def pack_groups(groups: Sequence[SampledGroup]) -> torch.Tensor:
     if any("\n" in r for r in reasons):
         raise ValueError(f"finish reasons with a newline cannot be shared: {reasons}")
     table = list("".join(r + "\n" for r in reasons).encode("utf-8"))
-    ints = torch.tensor(
+    lengths = [len(c.token_ids) for c in completions]
+    total = sum(lengths)
+    header = np.array(
         [len(groups), len(completions), len(table)]
         + [g.prompt_index for g in groups]
         + [len(g.completions) for g in groups]
-        + [len(c.token_ids) for c in completions]
+        + lengths
         + [code.get(c.finish_reason, 0) for c in completions],
-        dtype=torch.int64)
-    rewards = torch.tensor([float(r) for g in groups for r in g.rewards], dtype=torch.float64).view(torch.int64)
-    header = torch.cat([ints, rewards, torch.tensor(table, dtype=torch.int64)])
-    tokens = torch.tensor(list(chain.from_iterable(c.token_ids for c in completions)), dtype=torch.int32)
-    logprobs = torch.tensor(list(chain.from_iterable(c.logprobs for c in completions)), dtype=torch.float32)
-    return torch.cat([header.view(torch.int32), tokens, logprobs.view(torch.int32)])
+        dtype=np.int64)
+    rewards = np.array([float(r) for g in groups for r in g.rewards], dtype=np.float64)
+    try:
+        tokens = np.fromiter(chain.from_iterable(c.token_ids for c in completions), dtype=np.int32, count=total)
+    except OverflowError as e:
+        raise ValueError(f"a token id does not fit in int32: {e}") from None
+    logprobs = np.fromiter(chain.from_iterable(c.logprobs for c in completions), dtype=np.float32, count=total)
+    buffer = np.concatenate([header.view(np.int32), rewards.view(np.int32),
+                             np.array(table, dtype=np.int64).view(np.int32), tokens, logprobs.view(np.int32)])
+    return torch.from_numpy(buffer)
 
 
 def unpack_groups(buffer: torch.Tensor) -> list[SampledGroup]:
     """The groups :func:`pack_groups` packed into ``buffer`` (any device)."""
-    buffer = buffer.detach().to("cpu", torch.int32).contiguous()
-    if buffer.numel() == 0:
+    buffer = buffer.detach().to("cpu", torch.int32).contiguous().numpy()
+    if buffer.size == 0:
         return []
-    head = buffer[: 2 * _HEAD].view(torch.int64).tolist()
-    n_groups, n_completions, n_table = head
+    n_groups, n_completions, n_table = buffer[: 2 * _HEAD].view(np.int64).tolist()
     n_header = _HEAD + 2 * n_groups + 3 * n_completions + n_table
-    header = buffer[: 2 * n_header].view(torch.int64)
+    header = buffer[: 2 * n_header].view(np.int64)
     at = _HEAD
     prompt_index = header[at: at + n_groups].tolist(); at += n_groups
     counts = header[at: at + n_groups].tolist(); at += n_groups
     lengths = header[at: at + n_completions].tolist(); at += n_completions
     codes = header[at: at + n_completions].tolist(); at += n_completions
-    rewards = header[at: at + n_completions].view(torch.float64).tolist(); at += n_completions
+    rewards = header[at: at + n_completions].view(np.float64).tolist(); at += n_completions
     table = bytes(header[at: at + n_table].tolist()).decode("utf-8")
     reasons: list[Optional[str]] = [None] + table.split("\n")[:-1]
     total = sum(lengths)
     start = 2 * n_header
-    if buffer.numel() != start + 2 * total:
-        raise ValueError(f"buffer of {buffer.numel()} int32 but the header describes {start + 2 * total}")
-    tokens = buffer[start: start + total].tolist()
-    logprobs = buffer[start + total:].view(torch.float32).tolist()
+    if buffer.size != start + 2 * total:
+        raise ValueError(f"buffer of {buffer.size} int32 but the header describes {start + 2 * total}")
+    tokens = buffer[start: start + total]
+    logprobs = buffer[start + total:].view(np.float32)
     groups, c, offset = [], 0, 0
     for index, count in zip(prompt_index, counts):
         cs = []
         for _ in range(count):
             end = offset + lengths[c]
-            cs.append(Completion(index, tokens[offset:end], logprobs[offset:end], "", reasons[codes[c]]))
+            cs.append(Completion(index, tokens[offset:end].tolist(), logprobs[offset:end].tolist(), "",
+                                 reasons[codes[c]]))
             offset, c = end, c + 1
         groups.append(SampledGroup(index, cs, rewards[c - count: c]))
     return groups
 
 
-def share_groups(groups: Sequence[SampledGroup], *, send: bool, device: torch.device,
-                 group=None) -> list[SampledGroup]:
-    """Every rank's groups (those of ranks with ``send``), in rank order, on every rank of
-    ``group``. Collective: every rank calls it. Tensors passed to the collectives live on
-    ``device`` (the one the process group's backend takes)."""
-    packed = pack_groups(groups) if send else torch.empty(0, dtype=torch.int32)
+def exchange_buffers(packed: torch.Tensor, *, device: torch.device, group=None) -> list[Optional[torch.Tensor]]:
+    """Every rank's 1-D int32 ``packed`` on every rank of ``group``, in rank order (None for an
+    empty one): one all-gather of the sizes, then one broadcast per non-empty buffer at its
+    own size. Collective. The returned entry of this rank is ``packed`` itself; the others are
+    on ``device``."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     size = torch.tensor([packed.numel()], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
-    sizes = [int(s.item()) for s in sizes]
+    sizes = torch.cat(sizes).tolist()
     buffers: list[Optional[torch.Tensor]] = [None] * world
     works = []
     for src in range(world):
@@ -132,8 +138,19 @@ def share_groups(groups: Sequence[SampledGroup], *, send: bool, device: torch.de
         works.append(dist.broadcast(buffers[src], global_src, group=group, async_op=True))
     for work in works:
         work.wait()
+    if sizes[rank]:
+        buffers[rank] = packed
+    return buffers
+
+
+def share_groups(groups: Sequence[SampledGroup], *, send: bool, device: torch.device,
+                 group=None) -> list[SampledGroup]:
+    """Every rank's groups (those of ranks with ``send``), in rank order, on every rank of
+    ``group``. Collective: every rank calls it. Tensors passed to the collectives live on
+    ``device`` (the one the process group's backend takes)."""
+    packed = pack_groups(groups) if send else torch.empty(0, dtype=torch.int32)
     result: list[SampledGroup] = []
-    for src, buffer in enumerate(buffers):
+    for buffer in exchange_buffers(packed, device=device, group=group):
         if buffer is not None:
-            result.extend(unpack_groups(packed if src == rank else buffer))
+            result.extend(unpack_groups(buffer))
     return result

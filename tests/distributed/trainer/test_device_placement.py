@@ -56,17 +56,22 @@ def _worker(rank, world):
 
         unplaced = build_microbatches(prompts, completions, advantages, place=lambda b: b, **kw)
         try:
-            embedding(unplaced[0]["input_ids"])
+            embedding(unplaced[0].input_ids)
             out["unplaced"] = "no error"
         except FakeTensorDeviceMismatchError as exc:
             out["unplaced"] = f"mismatch: {exc}"
 
         micro = build_microbatches(prompts, completions, advantages, place=gpu.place, **kw)
-        out["devices"] = sorted({str(v.device) for m in micro for v in m.values()})
-        out["embedding"] = str(embedding(micro[0]["input_ids"]).device)
+        packed = build_microbatches(prompts, completions, advantages, place=gpu.place, pad_id=0, seq_len=seq,
+                                    packs=[[0, 1]], packed_tokens=16)
+        out["devices"] = sorted({str(t.device) for m in micro + packed for t in vars(m).values()
+                                 if isinstance(t, torch.Tensor)})
+        out["packed_fields"] = sorted(k for k, t in vars(packed[0]).items() if isinstance(t, torch.Tensor))
+        out["embedding"] = str(embedding(micro[0].input_ids).device)
+        out["embedding_packed"] = str(embedding(packed[0].input_ids).device)
 
         with CollectiveAudit({"cuda"}, emulate_single_rank=True) as audit:
-            norm = minibatch_loss_normalizer([m["loss_mask"] for m in micro], "token-mean",
+            norm = minibatch_loss_normalizer([m.loss_mask for m in micro], "token-mean",
                                              parallel_state.get_data_parallel_group())
             out["normalizer"] = str(norm.device)
             trainer = SimpleNamespace(_stop_reason=lambda: "requested", layout=SimpleNamespace(platform=gpu, world=1))
@@ -90,6 +95,8 @@ def test_microbatches_and_collectives_live_on_the_model_device():
     (out,) = run_distributed(_worker, 1, timeout=300)
     assert out["unplaced"].startswith("mismatch"), out["unplaced"]  # the check can fail
     assert out["devices"] == ["cuda:0"]
+    assert {"attention_mask", "unpack_index", "input_ids", "loss_mask"} <= set(out["packed_fields"])
+    assert out["embedding_packed"] == "cuda:0"
     assert out["embedding"] == "cuda:0" and out["normalizer"] == "cuda:0"
     assert out["stop"] == "agreed", out["stop"]
     names = [name for name, _ in out["collectives"]]

@@ -9,7 +9,6 @@ tokens."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -82,7 +82,7 @@ def test_inconsistent_groups_are_refused():
         pack_groups([SampledGroup(0, [Completion(0, [1, 2], [-1.0])], [0.0])])
     with pytest.raises(ValueError, match="newline"):
         pack_groups([SampledGroup(0, [Completion(0, [1], [-1.0], "", "a\nb")], [0.0])])
-    with pytest.raises(RuntimeError):  # a token id int32 cannot hold
+    with pytest.raises(ValueError, match="int32"):
         pack_groups([SampledGroup(0, [Completion(0, [2**31], [-1.0])], [0.0])])
 
 
@@ -104,3 +104,12 @@ def test_share_in_a_world_of_one(world_of_one):
     groups = sample_groups()
     assert as_tuples(share_groups(groups, send=True, device=torch.device("cpu"))) == as_tuples(groups)
     assert share_groups(groups, send=False, device=torch.device("cpu")) == []
+
+
+def test_every_completion_field_is_carried_or_known_not_to_travel():
+    """A field added to Completion must be added to the exchange (or here, if it stays local)."""
+    import dataclasses
+
+    carried = {"prompt_index", "token_ids", "logprobs", "finish_reason"}
+    local = {"text"}
+    assert {f.name for f in dataclasses.fields(Completion)} == carried | local
