@@ -9,18 +9,19 @@ from megatron_cegppo.planner.activations import (
     TRANSFORMER_ENGINE,
     LayerImplementation,
     layer_activation_bytes,
+    packed_mask_bytes,
     pipeline_in_flight,
     stage_activation_bytes,
 )
 from megatron_cegppo.planner.generation import generation_memory, kv_cache_bytes_per_token, vllm_weight_bytes
 from megatron_cegppo.planner.logprob import head_buffer_bytes
 from megatron_cegppo.planner.parameters import RankParameters, layer_parameters, rank_parameters, training_state_bytes
-from megatron_cegppo.planner.plan import Plan, make_plan, read_architecture, total_parameters
+from megatron_cegppo.planner.plan import Plan, make_plan, packed_microbatches, read_architecture, total_parameters
 from megatron_cegppo.planner.report import format_plan
 
 __all__ = [
     "LayerImplementation", "MEGATRON_LOCAL", "PAPER_GPT", "Plan", "RankParameters", "TRANSFORMER_ENGINE",
     "format_plan", "generation_memory", "head_buffer_bytes", "kv_cache_bytes_per_token", "layer_activation_bytes",
-    "layer_parameters", "make_plan", "pipeline_in_flight", "rank_parameters", "read_architecture",
-    "stage_activation_bytes", "total_parameters", "training_state_bytes", "vllm_weight_bytes",
+    "layer_parameters", "make_plan", "packed_mask_bytes", "packed_microbatches", "pipeline_in_flight",
+    "rank_parameters", "read_architecture", "stage_activation_bytes", "total_parameters", "training_state_bytes", "vllm_weight_bytes",
 ]

@@ -7,6 +7,13 @@ divided by the tensor-parallel size ``t`` with sequence parallelism, ``34*s*b*h/
 selective recomputation and ``2*s*b*h/t`` per layer with full recomputation. The same terms,
 named below, give exactly that for the paper's layer (a test checks it) and the bytes that
 megatron-core's local layers save for backward on the CPU (another test measures them).
+
+Packed micro-batches (``algorithm.max_tokens_per_microbatch``) are one row of ``T`` tokens
+holding several sequences: every term is that of a micro-batch of 1 x ``T``. With flash
+attention (transformer-engine's THD format over ``cu_seqlens``) nothing is quadratic in ``T``;
+megatron's local attention keeps its ``[T, T]`` scores per layer and, instead of a causal mask
+of its own per layer, the micro-batch's block-diagonal mask (``[T, T]`` bool, shared by every
+layer: :func:`packed_mask_bytes`).
 """
 
 from __future__ import annotations
@@ -60,11 +67,14 @@ class LayerActivations:
 
 def layer_activation_bytes(arch: HFArchitecture, *, seq_len: int, micro_batch: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", dtype_bytes: int = 2,
-                           impl: LayerImplementation = TRANSFORMER_ENGINE) -> LayerActivations:
+                           impl: LayerImplementation = TRANSFORMER_ENGINE, packed: bool = False) -> LayerActivations:
     """What one layer keeps for backward (without full recomputation; see
-    :func:`stage_activation_bytes` for that)."""
+    :func:`stage_activation_bytes` for that). ``packed``: the micro-batch is one row of
+    ``seq_len`` tokens (``micro_batch`` 1) whose attention mask comes with the micro-batch."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    if packed and micro_batch != 1:
+        raise ValueError(f"a packed micro-batch is one row, got micro_batch={micro_batch}")
     e, n, s, b, h = dtype_bytes, seq_len * micro_batch, seq_len, micro_batch, arch.hidden_size
     q, kv_heads = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     # unfused attention repeats K and V to every query head inside core attention, which
@@ -97,9 +107,10 @@ def layer_activation_bytes(arch: HFArchitecture, *, seq_len: int, micro_batch: i
         mlp = e * n * 2 * f + e * n * f + (0 if impl.fused_swiglu else 2 * e * n * f)
     sharded = query_key + value + proj_input + mlp
 
-    # fp32 cos and sin for queries and keys, and the causal mask of unfused attention
+    # fp32 cos and sin for queries and keys, and the causal mask of unfused attention (packed:
+    # the micro-batch's mask instead, counted once per micro-batch, not per layer)
     unsplit = 4 * 4 * s * arch.head_dim if impl.small_terms else 0
-    if impl.small_terms and not impl.flash_attention and recompute != "selective":
+    if impl.small_terms and not impl.flash_attention and recompute != "selective" and not packed:
         unsplit += s * s
     if impl.small_terms and recompute == "selective":
         unsplit += 4  # an int32 argument the checkpointed core attention keeps
@@ -116,6 +127,14 @@ def layer_activation_bytes(arch: HFArchitecture, *, seq_len: int, micro_batch: i
     )
 
 
+def packed_mask_bytes(tokens: int, impl: LayerImplementation = TRANSFORMER_ENGINE) -> int:
+    """The block-diagonal causal mask of a packed micro-batch of ``tokens`` for unfused
+    attention: ``[tokens, tokens]`` bool on every rank, an input of every layer (each keeps it
+    for the masked softmax's backward, and full recomputation keeps it as a layer input).
+    Flash attention takes ``cu_seqlens`` instead: nothing."""
+    return 0 if impl.flash_attention else tokens * tokens
+
+
 def pipeline_in_flight(pp: int, vpp: int | None, num_microbatches: int, stage: int = 0) -> float:
     """Micro-batches whose activations pipeline ``stage`` holds at its peak under 1F1B: the
     first stage ``pp`` of them, the last one; times ``1 + (pp - 1) / (pp * vpp)`` for the first
@@ -128,19 +147,21 @@ def pipeline_in_flight(pp: int, vpp: int | None, num_microbatches: int, stage: i
 
 def stage_activation_bytes(arch: HFArchitecture, *, layers: int, seq_len: int, micro_batch: int, tp: int,
                            sequence_parallel: bool, recompute: str, in_flight: float, dtype_bytes: int = 2,
-                           impl: LayerImplementation = TRANSFORMER_ENGINE) -> int:
+                           impl: LayerImplementation = TRANSFORMER_ENGINE, packed: bool = False) -> int:
     """Peak activation bytes of a pipeline stage of ``layers`` layers holding ``in_flight``
     micro-batches. Full recomputation keeps each layer's input and, during backward, one
-    layer's activations at a time."""
+    layer's activations at a time. ``packed``: micro-batches of one row of ``seq_len`` tokens,
+    each with its mask (:func:`packed_mask_bytes`) in every recomputation mode."""
+    mask = int(in_flight * packed_mask_bytes(seq_len, impl)) if packed else 0
     if recompute == "full":
         layer_input = dtype_bytes * seq_len * micro_batch * arch.hidden_size
         if sequence_parallel:
             layer_input //= tp
         one_layer = layer_activation_bytes(arch, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
                                            sequence_parallel=sequence_parallel, recompute="none",
-                                           dtype_bytes=dtype_bytes, impl=impl).total
-        return int(layers * in_flight * layer_input) + one_layer
+                                           dtype_bytes=dtype_bytes, impl=impl, packed=packed).total
+        return int(layers * in_flight * layer_input) + one_layer + mask
     per_layer = layer_activation_bytes(arch, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
                                        sequence_parallel=sequence_parallel, recompute=recompute,
-                                       dtype_bytes=dtype_bytes, impl=impl).total
-    return int(layers * in_flight * per_layer)
+                                       dtype_bytes=dtype_bytes, impl=impl, packed=packed).total
+    return int(layers * in_flight * per_layer) + mask

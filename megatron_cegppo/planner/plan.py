@@ -1,5 +1,15 @@
 """The memory plan of a run: per-GPU bytes of the training phase (the fullest pipeline stage)
-and of the generation phase, from a :class:`Config` and the model's HF architecture."""
+and of the generation phase, from a :class:`Config` and the model's HF architecture.
+
+Micro-batches: unpacked, ``algorithm.micro_batch_size`` sequences padded to the longest,
+``rollout.max_model_len``; packed (``algorithm.max_tokens_per_microbatch``), one row of the
+budget rounded up to a multiple of 8 x TP, as the trainer builds them. How many packed
+micro-batches a rank runs per optimizer step, about (its sequences x their mean length) /
+budget, depends on the lengths, which the plan cannot know: it assumes every sequence is
+``rollout.max_model_len - 1`` tokens long (the worst case: the most micro-batches, so the most
+in flight under 1F1B; one sequence per micro-batch for a budget below twice that);
+``mean_sequence_tokens`` of :func:`make_plan` gives another length. Each micro-batch's
+activations are those of the whole row, whatever it holds."""
 
 from __future__ import annotations
 
@@ -85,6 +95,8 @@ class Plan:
     micro_batch: int
     seq_len: int
     num_microbatches: int
+    packed: bool = False  # one row of seq_len tokens per micro-batch (algorithm.max_tokens_per_microbatch)
+    sequence_tokens: int = 0  # packed: the length of every sequence num_microbatches assumes
     stages: list = field(default_factory=list)
     generation: Optional[GenerationMemory] = None
     weight_bucket_bytes: int = 0
@@ -147,21 +159,49 @@ def layout_problems(cfg: Config, arch: HFArchitecture, world_size: int) -> list[
     return out
 
 
+def packed_microbatches(*, sequences: int, budget: int, sequence_tokens: int, pp: int = 1,
+                        vpp: Optional[int] = None) -> int:
+    """Packed micro-batches of one rank per optimizer step when each of its ``sequences`` is
+    ``sequence_tokens`` long: ``budget // sequence_tokens`` sequences per micro-batch, none
+    split (one per micro-batch for a budget below twice the length). The interleaved schedule
+    needs a multiple of ``pp`` (the trainer splits micro-batches until it has one)."""
+    if not 1 <= sequence_tokens <= budget:
+        raise ValueError(f"a sequence of {sequence_tokens} tokens does not fit a budget of {budget}")
+    count = max(1, -(-sequences // (budget // sequence_tokens)))
+    if vpp and vpp > 1:
+        count = -(-count // pp) * pp
+    return count
+
+
 def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
-              impl: LayerImplementation = TRANSFORMER_ENGINE) -> Plan:
-    """Per-GPU memory of ``cfg`` on ``nodes`` nodes (default: ``cluster.nodes``)."""
+              impl: LayerImplementation = TRANSFORMER_ENGINE, mean_sequence_tokens: Optional[int] = None) -> Plan:
+    """Per-GPU memory of ``cfg`` on ``nodes`` nodes (default: ``cluster.nodes``).
+    ``mean_sequence_tokens``: with packing, the sequences' mean length (prompt + response) for
+    the number of micro-batches; default the longest, ``rollout.max_model_len - 1``."""
     p, a, r, c = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.cluster
     nodes = nodes or c.nodes
     world = nodes * max(1, c.gpus_per_node)
     tp, pp = p.tensor, p.pipeline
     problems = layout_problems(cfg, arch, world)
     dp = max(1, world // (tp * pp))
-    per_rank = a.prompts_per_step * r.n // a.minibatches // dp
-    num_microbatches = max(1, per_rank // a.micro_batch_size)
     bf16 = cfg.model.dtype == "bfloat16"
     e = 2 if bf16 else 4
-    # the trainer pads a mini-batch to its longest sequence, rounded up to a multiple of 8 x TP
-    seq, mbs = -(-r.max_model_len // (8 * tp)) * 8 * tp, a.micro_batch_size
+    multiple = 8 * tp
+    packed = a.max_tokens_per_microbatch is not None
+    if packed:
+        # one row of the budget, padded to the TP/SP multiple; the mini-batch's sequences
+        # balanced over the DP ranks (by tokens: by count when all are of one length)
+        per_rank = -(-(a.prompts_per_step * r.n // a.minibatches) // dp)
+        seq, mbs = -(-a.max_tokens_per_microbatch // multiple) * multiple, 1
+        sequence_tokens = min(mean_sequence_tokens or r.max_model_len - 1, a.max_tokens_per_microbatch)
+        num_microbatches = packed_microbatches(sequences=per_rank, budget=a.max_tokens_per_microbatch,
+                                               sequence_tokens=sequence_tokens, pp=pp, vpp=p.virtual_pipeline)
+    else:
+        sequence_tokens = 0
+        per_rank = a.prompts_per_step * r.n // a.minibatches // dp
+        num_microbatches = max(1, per_rank // a.micro_batch_size)
+        # the trainer pads a mini-batch to its longest sequence, rounded up to a multiple of 8 x TP
+        seq, mbs = -(-r.max_model_len // multiple) * multiple, a.micro_batch_size
     padded = padded_vocab_size(arch.vocab_size, tp)
     layers = -(-arch.num_layers // pp)  # the fullest stage's, also when they do not divide
     stages = []
@@ -172,7 +212,7 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
         in_flight = pipeline_in_flight(pp, p.virtual_pipeline, num_microbatches, stage)
         acts = {mode: stage_activation_bytes(arch, layers=layers, seq_len=seq, micro_batch=mbs, tp=tp,
                                              sequence_parallel=p.sequence_parallel, recompute=mode,
-                                             in_flight=in_flight, dtype_bytes=e, impl=impl)
+                                             in_flight=in_flight, dtype_bytes=e, impl=impl, packed=packed)
                 for mode in RECOMPUTE_MODES}
         head = 0
         if stage == pp - 1:
@@ -188,5 +228,5 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
     return Plan(arch=arch, nodes=nodes, gpus_per_node=c.gpus_per_node, gpu_memory=int(c.gpu_memory_gib * GIB),
                 tp=tp, pp=pp, dp=dp, vpp=p.virtual_pipeline, rollout_tp=r.tensor_parallel, sequence_parallel=p.sequence_parallel,
                 recompute=p.recompute, logprob_impl=cfg.model.logprob_impl, micro_batch=mbs, seq_len=seq,
-                num_microbatches=num_microbatches, stages=stages, generation=gen,
-                weight_bucket_bytes=r.weight_bucket_bytes, problems=problems)
+                num_microbatches=num_microbatches, packed=packed, sequence_tokens=sequence_tokens, stages=stages,
+                generation=gen, weight_bucket_bytes=r.weight_bucket_bytes, problems=problems)

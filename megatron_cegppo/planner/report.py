@@ -39,8 +39,10 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"{plan.gpu_memory / GIB:.1f} GiB each",
         f"training: TP {plan.tp} x PP {plan.pp}{f' (VPP {plan.vpp})' if plan.vpp else ''} x DP {plan.dp}, "
         f"sequence parallel {'on' if plan.sequence_parallel else 'off'}, recompute {plan.recompute}, "
-        f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens, {plan.num_microbatches} micro-batches per "
-        f"optimizer step, log-probs {plan.logprob_impl}",
+        f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens{' (packed)' if plan.packed else ''}, "
+        f"{plan.num_microbatches} micro-batches per optimizer step"
+        f"{f' (if every sequence is {plan.sequence_tokens} tokens)' if plan.packed else ''}, "
+        f"log-probs {plan.logprob_impl}",
         f"generation: vLLM TP {plan.rollout_tp} ({max(1, plan.world_size // plan.rollout_tp)} engines), "
         f"gpu_memory_utilization {g.budget / plan.gpu_memory:.2f}, {g.sequences} sequences per engine per "
         f"round, max_model_len {g.max_model_len}",

@@ -101,5 +101,16 @@ def test_shape_problems_are_named():
 
 def test_plan_uses_the_trainers_padded_sequence_length():
     cfg = load("qwen2p5_32b")
+    cfg.algorithm.max_tokens_per_microbatch = None
     cfg.rollout.max_model_len = 17000  # the trainer pads to a multiple of 8 x TP = 64
     assert make_plan(cfg, read_architecture(cfg)).seq_len == 17024
+    cfg.algorithm.max_tokens_per_microbatch = 17000  # a packed row: the budget, padded the same way
+    plan = make_plan(cfg, read_architecture(cfg))
+    assert (plan.seq_len, plan.micro_batch, plan.packed) == (17024, 1, True)
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_shipped_configs_pack_at_a_budget_holding_the_longest_sequence(name):
+    cfg = load(name)
+    budget = cfg.algorithm.max_tokens_per_microbatch
+    assert budget is not None and budget >= cfg.rollout.max_model_len - 1
