@@ -8,7 +8,8 @@
       device (placement), the old log-probs recomputed by Megatron agree with the recording's
       (the weights are the recorded ones at step 0), the update is finite and moves the weights,
       a checkpoint, a requested stop (the STOPPED marker), an exact resume, the export (loaded
-      by transformers on the device). Then the fused vocab-parallel log-prob/entropy against the
+      by transformers on the device), and packed micro-batches (THD with transformer-engine, the
+      block-diagonal mask otherwise) against unpacked ones. Then the fused vocab-parallel log-prob/entropy against the
       bare LM-head matmul at T 16k, H 5120, V 152k in bf16: time and peak memory as ratios.
   --engine vllm (the full check, ``bash benchmarks/gpu_full_check.sh``): the same 3 steps with
       vLLM generating on the device, sleeping during training and woken for the weight push;
@@ -106,6 +107,71 @@ def phase_push_unchanged(args) -> int:
     return 0
 
 
+def phase_packed(args) -> int:
+    """Old log-probs of the shipped model, packed (the platform's layout: THD with
+    transformer-engine, the block-diagonal mask otherwise) against unpacked, in fp32."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_cegppo.algorithms.packing import pack_microbatches
+    from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config
+    from megatron_cegppo.parallel.pipeline_loss import PolicyLossSpec, make_logprob_forward_step
+    from megatron_cegppo.platform import init_platform, init_process_group
+    from megatron_cegppo.rollout.batch import build_microbatches
+    from megatron_cegppo.rollout.replay import ReplayEngine
+    from megatron_cegppo.testing.multiprocess import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    platform = init_platform(args.device)
+    init_process_group(platform)
+    parallel_state.initialize_model_parallel()
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)
+    # transformer-engine's THD attention (flash / fused) takes 16-bit inputs only
+    dtype = torch.bfloat16 if platform.packed_attention == "thd" else torch.float32
+    arch, _, chunks, padded = build_gpt_from_hf(read_hf_config(DATA / "model"), tp=1, pp=1, params_dtype=dtype)
+    import_hf_weights(chunks, DATA / "model", arch, padded)
+    replay = ReplayEngine(DATA / "recording.json")
+    from megatron_cegppo.rollout.engine import SamplingConfig
+
+    prompts = replay.prompts[:8]
+    completions = replay.generate(prompts, SamplingConfig(n=4, max_tokens=8), list(range(len(prompts))))
+    by_index = dict(enumerate(prompts))
+    lengths = [len(by_index[c.prompt_index]) + len(c.token_ids) - 1 for c in completions]
+    seq_len = -(-max(lengths) // 8) * 8
+    advantages = torch.zeros(len(completions))
+    common = dict(pad_id=0, seq_len=seq_len, place=platform.place)
+    unpacked = build_microbatches(by_index, completions, advantages, micro_batch_size=8, **common)
+    (packs,) = pack_microbatches(lengths, max_tokens=64, dp_size=1)
+    order = [i for p in packs for i in p]
+    where = {i: k for k, i in enumerate(order)}
+    packed = build_microbatches(by_index, [completions[i] for i in order], advantages[order],
+                                packs=[[where[i] for i in p] for p in packs], packed_tokens=64,
+                                attention=platform.packed_attention, **common)
+    forward = make_logprob_forward_step(PolicyLossSpec(vocab_size=arch.vocab_size))
+
+    def run(micro):
+        rows, tokens = micro[0].input_ids.shape
+        with torch.no_grad():
+            out = get_forward_backward_func()(forward_step_func=forward, data_iterator=iter(micro), model=chunks[0],
+                                              num_microbatches=len(micro), seq_length=tokens,
+                                              micro_batch_size=rows, forward_only=True)
+        return [(o["log_prob"] * m.loss_mask) for o, m in zip(out, micro)]
+
+    u = torch.cat(run(unpacked))
+    p_rows = torch.cat(run(packed))
+    p = torch.empty_like(p_rows)
+    p[torch.tensor(order, device=p.device)] = p_rows
+    diff = float((u - p).abs().max())
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_dir) / "packed.json").write_text(json.dumps(
+        {"layout": platform.packed_attention, "max_abs_diff": diff, "micro": [len(unpacked), len(packed)],
+         "dtype": str(dtype).replace("torch.", "")}))
+    return 0
+
+
 def phase_export(args) -> int:
     """``megatron-cegppo export`` of the run's latest checkpoint, then transformers loads it on
     the device and runs a forward."""
@@ -158,6 +224,12 @@ def _tensors(folder: Path) -> dict:
 
 
 def training_checks(args, report, work: Path, log: Path) -> None:
+    code = _run_phase("packed", work / "packed", args, log)
+    info = json.loads((work / "packed" / "packed.json").read_text()) if code == 0 else {}
+    tol = 5e-2 if info.get("dtype") == "bfloat16" else 1e-5  # bf16: other kernels, one rounding of 2^-9
+    report.check("packed old log-probs", code == 0 and info["max_abs_diff"] <= tol,
+                 f"{info.get('layout', '?')} layout in {info.get('dtype')}, {info.get('micro')} micro-batches "
+                 f"unpacked/packed, max |diff| {info.get('max_abs_diff', float('nan')):.1e} (tol {tol:g}, exit {code})")
     a, b = work / "uninterrupted", work / "stopped"
     code = _run_phase("train", a, args, log)
     if not report.check("trainer runs 3 steps", code == 0, f"exit {code} (log {log})"):
@@ -315,13 +387,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results file (default on CUDA: benchmarks/results/gpu_<engine>_check_<card>_<date>.md)")
     p.add_argument("--keep", default=None, help="a folder to keep the runs in (default: a temporary one)")
     p.add_argument("--record", action="store_true", help="remake benchmarks/data/actor_check (CPU, vLLM)")
-    p.add_argument("--phase", choices=("train", "export", "push_unchanged"), help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("train", "export", "push_unchanged", "packed"), help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.record:
         return record(args)
     if args.phase:
-        return {"train": phase_train, "export": phase_export, "push_unchanged": phase_push_unchanged}[args.phase](args)
+        return {"train": phase_train, "export": phase_export, "push_unchanged": phase_push_unchanged,
+                "packed": phase_packed}[args.phase](args)
 
     import gpu_smoke
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--shape-tokens", "256", "--shape-hidden", "64", "--shape-vocab", "512",
         "--warmup", "1", "--reps", "2"]
-ACTOR_CHECKS = ["trainer runs 3 steps", "placement", "old-log-prob recompute", "update", "weight push",
+ACTOR_CHECKS = ["packed old log-probs", "trainer runs 3 steps", "placement", "old-log-prob recompute", "update", "weight push",
                 "requested stop", "checkpoint", "resume runs", "exact resume", "export", "export matches",
                 "fused log-prob/entropy vs bare LM-head matmul"]
 
