@@ -9,8 +9,9 @@
       (the weights are the recorded ones at step 0), the update is finite and moves the weights,
       a checkpoint, a requested stop (the STOPPED marker), an exact resume, the export (loaded
       by transformers on the device), and packed micro-batches (THD with transformer-engine, the
-      block-diagonal mask otherwise) against unpacked ones. Then the fused vocab-parallel log-prob/entropy against the
-      bare LM-head matmul at T 16k, H 5120, V 152k in bf16: time and peak memory as ratios.
+      block-diagonal mask otherwise) against unpacked ones. Then the fused vocab-parallel
+      log-prob/entropy against the bare LM-head matmul at T 16k, H 5120, V 152k in bf16: time
+      and peak memory as ratios.
   --engine vllm (the full check, ``bash benchmarks/gpu_full_check.sh``): the same 3 steps with
       vLLM generating on the device, sleeping during training and woken for the weight push;
       the train/rollout mismatch must stay below 1e-3 at every step, and the logits after a push
@@ -109,7 +110,8 @@ def phase_push_unchanged(args) -> int:
 
 def phase_packed(args) -> int:
     """Old log-probs of the shipped model, packed (the platform's layout: THD with
-    transformer-engine, the block-diagonal mask otherwise) against unpacked, in fp32."""
+    transformer-engine, in bf16, which its THD attention needs; the block-diagonal mask
+    otherwise, in fp32) against unpacked."""
     import torch
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
