@@ -66,6 +66,13 @@ class Trainer:
 
         self.cfg = cfg
         self.layout: Layout = init_distributed(cfg)
+        if (cfg.algorithm.max_tokens_per_microbatch and self.layout.platform.packed_attention == "thd"
+                and cfg.model.dtype != "bfloat16"):
+            from megatron_cegppo.config import ConfigError
+
+            # flash and fused attention, the backends of THD, take 16-bit inputs only
+            raise ConfigError("packed micro-batches (algorithm.max_tokens_per_microbatch) use transformer-engine's "
+                              "THD attention, which needs model.dtype=bfloat16")
         self.reporting = self.layout.rank == 0
         _seed_everything(cfg.trainer.seed)
 
