@@ -112,6 +112,9 @@ class TrainerConfig:
     # auto: CUDA where torch can use it, the CPU where the node has no NVIDIA GPU (a GPU node
     # whose driver does not match the torch build is an error); cuda: a GPU or an error; cpu
     device: str = "auto"
+    # a mini-batch whose gradients are not finite is skipped (the weights stay as they were)
+    # and counted; this many in a row stop the run with a message
+    max_consecutive_nonfinite: int = 3
 
 
 @dataclass

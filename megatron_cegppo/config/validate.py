@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
 from typing import Optional
 
 from megatron_cegppo.config.loader import ConfigError
@@ -71,10 +73,25 @@ def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     need(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
     need(t.steps >= 1, "trainer.steps must be >= 1")
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+    need(t.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite must be >= 1")
+    out.extend(_non_finite(cfg))
     need(t.device in DEVICE_SETTINGS, f"trainer.device must be one of {list(DEVICE_SETTINGS)}, got {t.device!r}")
     c = cfg.cluster
     need(c.nodes >= 1 and c.gpus_per_node >= 0 and c.gpu_memory_gib > 0,
          "cluster.nodes must be >= 1, cluster.gpus_per_node >= 0 and cluster.gpu_memory_gib > 0")
+    return out
+
+
+def _non_finite(cfg: Config) -> list[str]:
+    """Every float setting that is nan or infinite (``optim.lr=inf`` would train from step 0
+    into non-finite weights)."""
+    out = []
+    for section in fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append(f"{section.name}.{f.name} must be a finite number, got {value}")
     return out
 
 

@@ -26,6 +26,10 @@ from megatron_cegppo.trainer.stopping import (
 )
 
 
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: gradients or weights are not finite."""
+
+
 class StepAbandoned(Exception):
     """A step given up before its update because the job is being preempted."""
 
@@ -103,6 +107,8 @@ class Trainer:
         self.optimizer_steps = 0
         self.start_step = 0
         self.last_saved_step = -1  # the step of the newest checkpoint (-1: the starting weights)
+        self.nonfinite_skipped = 0  # mini-batches skipped for non-finite gradients, this start
+        self.consecutive_nonfinite = 0
         self.stop_requested = False
         self.store = CheckpointStore(Path(cfg.trainer.run_dir) / "checkpoints", keep=cfg.trainer.keep_checkpoints)
         self._resume()
@@ -296,15 +302,45 @@ class Trainer:
                 set_learning_rate(self.optimizer, learning_rate(cfg.optim, self.optimizer_steps,
                                                                 cfg.trainer.steps * a.minibatches * a.epochs))
                 forward_step = make_policy_forward_step(self.spec, num_microbatches=len(micro), dp_world_size=L.dp)
-                stores.extend(self._schedule(forward_step, micro) or [])
-                _, grad_norm, _ = self.optimizer.step()
-                if grad_norm is not None:
-                    grad_norms.append(float(grad_norm))
+                mb_stores = self._schedule(forward_step, micro) or []
+                if self._all_finite(self._grad_buffers()):
+                    self.consecutive_nonfinite = 0
+                    stores.extend(mb_stores)
+                    _, grad_norm, _ = self.optimizer.step()
+                    if grad_norm is not None:
+                        grad_norms.append(float(grad_norm))
+                else:  # megatron's bf16/fp32 optimizer would apply it (only fp16's scaler checks)
+                    self.nonfinite_skipped += 1
+                    self.consecutive_nonfinite += 1
+                    if self.reporting:
+                        print(f"[megatron-cegppo] warning: non-finite gradients at optimizer step "
+                              f"{self.optimizer_steps}: mini-batch skipped, weights unchanged", flush=True)
+                    if self.consecutive_nonfinite >= cfg.trainer.max_consecutive_nonfinite:
+                        raise NonFiniteError(
+                            f"{self.consecutive_nonfinite} mini-batches in a row had non-finite gradients "
+                            f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}): stopping; "
+                            "the last checkpoint is untouched (lower optim.lr, check the data and rewards)")
                 for chunk in self.model:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 self.optimizer_steps += 1
         return stores, grad_norms
+
+    def _grad_buffers(self) -> list:
+        """The gradients as megatron's DDP keeps them: a few flat buffers per model chunk."""
+        flat = [b.grad_data for chunk in self.model for b in getattr(chunk, "buffers", [])]
+        return flat or [p.main_grad for chunk in self.model for p in chunk.parameters()]
+
+    def _all_finite(self, tensors) -> bool:
+        """Whether every tensor on every rank is finite: accumulated on the device, one
+        all-reduced flag, one host sync."""
+        bad = self.layout.platform.tensor(0.0)
+        for t in tensors:
+            if t is not None and t.numel():
+                bad = torch.maximum(bad, (~torch.isfinite(t)).any().to(bad.dtype))
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()
 
     def _sync_weights(self) -> None:
         from megatron_cegppo.rollout.weight_sync import push_megatron_weights
@@ -336,6 +372,7 @@ class Trainer:
             "response_length_mean": float(np.mean(lengths)),
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "nonfinite_skipped": float(self.nonfinite_skipped),
             "tokens": sum(lengths) + sum(len(rollout.prompts[c.prompt_index]) for c in rollout.completions),
             **self._token_counts(minibatches),
             **sampling_stats,
@@ -368,6 +405,9 @@ class Trainer:
         from megatron_cegppo.checkpoint.megatron_state import save_model_and_optimizer
         from megatron_cegppo.checkpoint.rng import capture_rng_state
 
+        if not self._all_finite(p for chunk in self.model for p in chunk.parameters()):
+            raise NonFiniteError(f"the weights after step {step} are not finite: not saved (the last checkpoint, "
+                                 f"step {self.last_saved_step}, is untouched)")
         staging = self.store.staging_dir(step)
         if self.reporting:
             self.store.clean_staging()

@@ -66,6 +66,11 @@ def valid(**overrides):
     ({"algorithm.micro_batch_size": 48}, 1, "micro_batch_size=48"),
     ({"rollout.temperature": 0}, None, "temperature must be > 0"),
     ({"optim.schedule": "linear"}, None, "optim.schedule"),
+    ({"optim.lr": "inf"}, None, "optim.lr must be a finite number, got inf"),
+    ({"algorithm.eps_high": "nan"}, None, "algorithm.eps_high must be a finite number"),
+    ({"trainer.max_consecutive_nonfinite": 0}, None, "max_consecutive_nonfinite must be >= 1"),
+    ({"algorithm.max_tokens_per_microbatch": 100}, None, "shorter than the longest sequence"),
+    ({"trainer.device": "gpu"}, None, "trainer.device must be one of"),
 ])
 def test_invalid_values_are_named(override, world, match):
     with pytest.raises(ConfigError, match=match):
