@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the folder to write")
     x.add_argument("--checkpoint", default=None, help="a step_* folder (default: the run's latest)")
     x.add_argument("--shard-size", default="5GB", help="the largest safetensors file: 5GB, 500MB, 2GiB or bytes")
+    x.add_argument("--force", action="store_true", help="replace --out even when it is not an earlier export")
     x.add_argument("overrides", nargs="*")
     s = sub.add_parser("submit", help="write and submit the Slurm batch script of a config")
     s.add_argument("--config", required=True)
@@ -113,14 +114,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         submit(script, Path(cfg.trainer.run_dir) / "cegppo.sbatch", args.dry_run)
         return 0
     if args.command == "export":
-        from megatron_cegppo.checkpoint.export import export_checkpoint, parse_shard_size
+        from megatron_cegppo.checkpoint.export import check_export_target, export_checkpoint, parse_shard_size
+        from megatron_cegppo.checkpoint.store import CheckpointError
 
         try:
             shard_size = parse_shard_size(args.shard_size)
-        except ValueError as exc:
+            check_export_target(args.out, force=args.force)
+            export_checkpoint(cfg, args.checkpoint, args.out, shard_size=shard_size, force=args.force)
+        except (ValueError, CheckpointError) as exc:
             print(f"megatron-cegppo: {exc}", file=sys.stderr)
             return 2
-        export_checkpoint(cfg, args.checkpoint, args.out, shard_size=shard_size)
         return 0
     from megatron_cegppo.evaluate import evaluate
 

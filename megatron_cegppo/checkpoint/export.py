@@ -173,8 +173,36 @@ def _copy_model_files(source: Path, staging: Path, dtype: str) -> None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+EXPORT_MARKER = ".megatron-cegppo-export"
+
+
+def check_export_target(out, *, force: bool = False) -> None:
+    """``out`` may be replaced: absent, empty, or an earlier export of this project (its marker
+    file says so); anything else (a run directory, a model folder) only with ``force``.
+    Raises ``ValueError`` naming the folder."""
+    out = Path(out)
+    if not out.exists() or force:
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ValueError(f"--out {out} is not empty and not an earlier export (no {EXPORT_MARKER}): it would be "
+                         "replaced whole; choose another folder or pass --force")
+
+
+def _require_checkpoint(path: Path) -> None:
+    """A clear word for a folder that is not a checkpoint at all (before the store's checks)."""
+    from megatron_cegppo.checkpoint.store import MANIFEST, CheckpointError
+
+    if not path.is_dir():
+        raise CheckpointError(f"--checkpoint {path}: no such folder")
+    if not (path / MANIFEST).exists() and not (path / "megatron").is_dir():
+        raise CheckpointError(f"--checkpoint {path} is not a checkpoint of this project (no {MANIFEST}, no megatron/); "
+                              "checkpoints are the step_* folders under <run_dir>/checkpoints")
+
+
 def export_checkpoint(cfg: Config, checkpoint: Path | None, out: Path, *,
-                      shard_size=DEFAULT_SHARD_SIZE, bucket_bytes: Optional[int] = None) -> Path:
+                      shard_size=DEFAULT_SHARD_SIZE, bucket_bytes: Optional[int] = None, force: bool = False) -> Path:
     """Writes ``out`` from ``checkpoint`` (default: the run directory's latest). Every rank
     of the job calls it; global rank 0 writes. ``shard_size``: bytes or a string such as
     ``5GB``; ``bucket_bytes``: the gather granularity (default: ``rollout.weight_bucket_bytes``,
@@ -188,6 +216,7 @@ def export_checkpoint(cfg: Config, checkpoint: Path | None, out: Path, *,
     from megatron_cegppo.trainer.distributed import init_distributed
 
     shard_bytes = parse_shard_size(shard_size)
+    check_export_target(out, force=force)
     if bucket_bytes is None:
         bucket_bytes = min(cfg.rollout.weight_bucket_bytes, shard_bytes)
     layout = init_distributed(cfg)
@@ -195,6 +224,7 @@ def export_checkpoint(cfg: Config, checkpoint: Path | None, out: Path, *,
     path = Path(checkpoint) if checkpoint else store.latest()
     if path is None:
         raise CheckpointError(f"no complete checkpoint under {store.root}")
+    _require_checkpoint(path)
     store.verify(path)
     dtype = checkpoint_dtype(path, cfg.model.dtype)
     p = cfg.parallel
@@ -220,6 +250,7 @@ def export_checkpoint(cfg: Config, checkpoint: Path | None, out: Path, *,
     if writer_rank:
         files = writer.finish()
         _copy_model_files(Path(cfg.model.path), staging, dtype)
+        (staging / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(path), "dtype": dtype}) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
