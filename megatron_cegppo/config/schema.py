@@ -115,6 +115,10 @@ class TrainerConfig:
     # a mini-batch whose gradients are not finite is skipped (the weights stay as they were)
     # and counted; this many in a row stop the run with a message
     max_consecutive_nonfinite: int = 3
+    # resuming in a run directory whose config differs in a setting that alters results (the
+    # model, loss and algorithm, batch sizes, optimizer, data, reward, seed) is refused unless
+    # this is set; the old config is kept beside the new one either way
+    allow_config_change: bool = False
 
 
 @dataclass

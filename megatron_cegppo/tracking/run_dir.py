@@ -95,15 +95,38 @@ def _backup_name(directory: Path) -> Path:
     return candidate
 
 
+# Settings a resumed run may change without mixing two experiments in one metrics file: how
+# long and how often, where, and how the same computation is laid out or launched (layouts,
+# packing, engine memory, buckets: checkpoints reshard, and packing changes speed only).
+HARMLESS_PREFIXES = (
+    "trainer.steps", "trainer.log_every", "trainer.save_every", "trainer.keep_checkpoints", "trainer.run_dir",
+    "trainer.resume_from", "trainer.device", "trainer.allow_config_change", "trainer.max_consecutive_nonfinite",
+    "parallel.", "cluster.", "model.logprob_impl", "algorithm.micro_batch_size",
+    "algorithm.max_tokens_per_microbatch", "rollout.tensor_parallel", "rollout.kv_cache_bytes",
+    "rollout.gpu_memory_utilization", "rollout.weight_bucket_bytes",
+)
+
+
+def result_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """``(altering, harmless)``: the differing keys, each ``key: old -> new``."""
+    altering, harmless = [], []
+    for change in _diff(old, new):
+        key = change.split(":", 1)[0]
+        (harmless if key.startswith(HARMLESS_PREFIXES) else altering).append(change)
+    return altering, harmless
+
+
 def prepare_run_dir(
     path: str | os.PathLike, resolved_config: dict, *, allow_config_change: bool = False
 ) -> Path:
     """Create the run directory and record ``resolved_config`` as ``config.yaml``.
 
-    If the directory already holds a config.yaml with different content this raises
-    ValueError (naming the existing file and the differing keys, old -> new), unless
-    ``allow_config_change`` is set: then the old file is kept as ``config.<timestamp>.yaml``
-    and the new config replaces it. An identical config is left untouched.
+    If the directory already holds a config.yaml that differs in a setting that alters
+    results (the model, loss and algorithm, batch sizes, optimizer, data, reward, seed), this
+    raises ValueError naming each difference (old -> new), unless ``allow_config_change`` is
+    set. Harmless changes (:data:`HARMLESS_PREFIXES`) are accepted. Either way the old file is
+    kept as ``config.<timestamp>.yaml`` beside the new one. An identical config is left
+    untouched.
     """
     if not isinstance(resolved_config, dict):
         raise TypeError(f"resolved_config must be a dict, got {type(resolved_config).__name__}")
@@ -119,12 +142,13 @@ def prepare_run_dir(
         new = yaml.safe_load(text)
         if old == new:
             return run_dir
-        if not allow_config_change:
-            changes = "\n  ".join(_diff(old, new)) or "(content differs)"
+        altering, _ = result_changes(old, new) if isinstance(old, dict) else (["(content differs)"], [])
+        if altering and not allow_config_change:
+            changes = "\n  ".join(altering)
             raise ValueError(
-                f"run directory {run_dir} already holds {config_path} which differs from the "
-                f"given config (existing -> given):\n  {changes}\n"
-                "Use a new run directory, or pass allow_config_change=True to keep the old "
+                f"run directory {run_dir} already holds {config_path}, and the given config changes what "
+                f"the run computes (existing -> given):\n  {changes}\n"
+                "Use a new run directory, or set trainer.allow_config_change=true to keep the old "
                 "config as config.<timestamp>.yaml and continue with the new one."
             )
         atomic_write_text(_backup_name(run_dir), old_text)

@@ -515,7 +515,7 @@ class Trainer:
         cfg = self.cfg
         run_dir = cfg.trainer.run_dir
         if self.reporting:
-            prepare_run_dir(run_dir, to_dict(cfg), allow_config_change=True)
+            prepare_run_dir(run_dir, to_dict(cfg), allow_config_change=cfg.trainer.allow_config_change)
             clear_stopped_marker(run_dir)
         if dist.is_initialized():
             dist.barrier()

@@ -303,3 +303,24 @@ def test_progress_silencing(monkeypatch):
     assert bar.disable and bar.total == 5
     bar.update(2)
     bar.close()
+
+
+def test_resume_config_changes_that_alter_results_are_refused(tmp_path):
+    """A changed loss, batch size or temperature mixes two experiments; more steps, another
+    layout or packing do not."""
+    from megatron_cegppo.config import load_config, to_dict
+
+    base = load_config("configs/tiny_cpu.yaml")
+    prepare_run_dir(tmp_path, to_dict(base))
+    harmless = load_config("configs/tiny_cpu.yaml", ["trainer.steps=800", "parallel.tensor=1",
+                                                     "algorithm.max_tokens_per_microbatch=64"])
+    prepare_run_dir(tmp_path, to_dict(harmless))
+    assert len(list(tmp_path.glob("config.*.yaml"))) == 1  # the old one kept beside
+    for override, key in (("algorithm.beta1=0.75", "algorithm.beta1"), ("rollout.temperature=0.6", "rollout.temperature"),
+                          ("algorithm.prompts_per_step=16", "algorithm.prompts_per_step"), ("trainer.seed=3", "trainer.seed")):
+        changed = load_config("configs/tiny_cpu.yaml", ["trainer.steps=800", "parallel.tensor=1",
+                                                        "algorithm.max_tokens_per_microbatch=64", override])
+        with pytest.raises(ValueError, match=key):
+            prepare_run_dir(tmp_path, to_dict(changed))
+    allowed = load_config("configs/tiny_cpu.yaml", ["algorithm.beta1=0.75", "trainer.allow_config_change=true"])
+    prepare_run_dir(tmp_path, to_dict(allowed), allow_config_change=True)
