@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import signal
 import time
@@ -470,6 +471,22 @@ class Trainer:
         if signum == signal.SIGTERM:
             self.preempted = True
 
+    @staticmethod
+    def _set_aside_old_metrics(run_dir: Path) -> None:
+        """A fresh start in a run directory that holds another run's metrics (but no checkpoint
+        to resume from) keeps them as ``metrics.<timestamp>.jsonl``, instead of appending its
+        step 0 after their last step."""
+        from datetime import datetime
+
+        from megatron_cegppo.tracking.metrics import METRICS_NAME
+
+        old = run_dir / METRICS_NAME
+        if old.is_file() and old.stat().st_size:
+            kept = run_dir / f"metrics.{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.jsonl"
+            os.replace(old, kept)
+            print(f"[megatron-cegppo] warning: {old} held the metrics of an earlier run without a checkpoint; "
+                  f"kept as {kept.name}, this run starts a new file", flush=True)
+
     def _abandon_if_preempted(self, step: int) -> None:
         """Before the step's first optimizer step: when any rank was preempted (SIGTERM, or the
         batch script's ``STOP`` file saying so), the step is given up. Its rollouts are lost,
@@ -519,8 +536,10 @@ class Trainer:
             clear_stopped_marker(run_dir)
         if dist.is_initialized():
             dist.barrier()
-        writer = MetricsWriter(run_dir, enabled=self.reporting,
-                               truncate_after_step=self.start_step - 1 if self.start_step else None)
+        if self.reporting and self.start_step == 0:
+            self._set_aside_old_metrics(Path(run_dir))
+        # a resumed run drops the records of the steps it runs again; a fresh one starts empty
+        writer = MetricsWriter(run_dir, enabled=self.reporting, truncate_after_step=self.start_step - 1)
         timer = PhaseTimer()
         history = []
         # the job's end time (from the batch script) against the step and save times measured
