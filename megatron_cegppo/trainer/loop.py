@@ -532,7 +532,9 @@ class Trainer:
         cfg = self.cfg
         run_dir = cfg.trainer.run_dir
         if self.reporting:
-            prepare_run_dir(run_dir, to_dict(cfg), allow_config_change=cfg.trainer.allow_config_change)
+            # a fresh start (no checkpoint to continue) may change anything; the old config is kept
+            prepare_run_dir(run_dir, to_dict(cfg),
+                            allow_config_change=cfg.trainer.allow_config_change or self.start_step == 0)
             clear_stopped_marker(run_dir)
         if dist.is_initialized():
             dist.barrier()
