@@ -310,3 +310,14 @@ class CheckpointStore:
         return None
 
     latest_verified = latest
+
+    def unusable(self) -> list[tuple[Path, str]]:
+        """Every checkpoint folder here with the reason it cannot be resumed from (empty when
+        all verify)."""
+        out = []
+        for _, path in self._listed():
+            try:
+                self._check(path)
+            except CheckpointError as exc:
+                out.append((path, str(exc)))
+        return out

@@ -119,6 +119,9 @@ class TrainerConfig:
     # model, loss and algorithm, batch sizes, optimizer, data, reward, seed) is refused unless
     # this is set; the old config is kept beside the new one either way
     allow_config_change: bool = False
+    # a run directory whose checkpoints all fail verification is refused (naming each and why)
+    # unless this is set: then the run starts again from model.path
+    start_over: bool = False
 
 
 @dataclass

@@ -79,6 +79,7 @@ class Trainer:
             raise ConfigError("packed micro-batches (algorithm.max_tokens_per_microbatch) use transformer-engine's "
                               "THD attention, which needs model.dtype=bfloat16")
         self.reporting = self.layout.rank == 0
+        self._lock_run_dir()
         _seed_everything(cfg.trainer.seed)
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -423,9 +424,14 @@ class Trainer:
                 "model": dataclasses.asdict(self.arch), "world_size": self.layout.world,
                 "config": to_dict(self.cfg),
             }, indent=1))
-        self._barrier()
+        self._barrier()  # every rank's files are in staging: each hashes its share of them
+        mine = self.store.digest_share(step, self.layout.rank, self.layout.world)
+        parts = [mine]
+        if dist.is_initialized() and self.layout.world > 1:
+            parts = [None] * self.layout.world
+            dist.all_gather_object(parts, mine)  # file names and hex digests: small
         if self.reporting:
-            self.store.commit(step)
+            self.store.commit(step, digests={name: digest for part in parts for name, digest in part.items()})
         self._barrier()
         self.last_saved_step = step
 
@@ -435,7 +441,7 @@ class Trainer:
         from megatron_cegppo.checkpoint.megatron_state import load_model_and_optimizer
         from megatron_cegppo.checkpoint.rng import restore_rng_state
 
-        box = [None]
+        box = [None, None]  # the checkpoint to resume from; why none of those there can be
         if self.reporting:
             self.store.clean_staging()
             if self.cfg.trainer.resume_from:
@@ -443,9 +449,16 @@ class Trainer:
                 self.store.verify(latest)  # an explicit choice: unusable is an error, no fallback
             else:
                 latest = self.store.latest()
-            box = [str(latest) if latest else None]
+                broken = self.store.unusable() if latest is None and not self.cfg.trainer.start_over else []
+                if broken:
+                    box[1] = "\n  ".join(f"{path.name}: {why}" for path, why in broken)
+            box[0] = str(latest) if latest else None
         if dist.is_initialized() and self.layout.world > 1:
             dist.broadcast_object_list(box, src=0)
+        if box[1]:
+            raise CheckpointError(f"{self.store.root}: no checkpoint can be resumed from, and starting again from "
+                                  f"model.path would drop them silently:\n  {box[1]}\nset trainer.start_over=true "
+                                  "to start again anyway")
         if box[0] is None:
             return
         path = Path(box[0])
@@ -486,6 +499,26 @@ class Trainer:
             os.replace(old, kept)
             print(f"[megatron-cegppo] warning: {old} held the metrics of an earlier run without a checkpoint; "
                   f"kept as {kept.name}, this run starts a new file", flush=True)
+
+    def _lock_run_dir(self) -> None:
+        """One run per run directory (before anything there is touched: resuming cleans the
+        checkpoint staging area). Rank 0 holds the lock for the job; its verdict reaches every
+        rank, so a refused start stops everywhere instead of hanging at a barrier."""
+        from megatron_cegppo.tracking.run_lock import RunLock, RunLockedError
+
+        # longer than a step and a save of the largest configs: another host's lock whose
+        # heartbeat is older counts as abandoned
+        self.run_lock = RunLock(self.cfg.trainer.run_dir, stale_after_seconds=3 * 3600, enabled=self.reporting)
+        error = [None]
+        if self.reporting:
+            try:
+                self.run_lock.acquire()
+            except RunLockedError as exc:
+                error = [str(exc)]
+        if dist.is_initialized() and self.layout.world > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise RunLockedError(error[0])
 
     def _abandon_if_preempted(self, step: int) -> None:
         """Before the step's first optimizer step: when any rank was preempted (SIGTERM, or the
@@ -581,6 +614,7 @@ class Trainer:
                 history.append(metrics)
                 if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps - 1:
                     writer.log(step, metrics)
+                self.run_lock.refresh()  # the heartbeat that tells a live run from an abandoned lock
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", entropy=f"{metrics.get('entropy', 0):.3f}")
                 last = step == cfg.trainer.steps - 1
@@ -604,6 +638,7 @@ class Trainer:
         finally:
             bar.close()
             writer.close()
+            self.run_lock.release()
         if self.reporting:
             plot_run(run_dir)
         return history
@@ -612,5 +647,8 @@ class Trainer:
 def train(cfg: Config) -> bool:
     """Runs (or resumes) training; ``False`` when it stopped early on request, after saving."""
     trainer = Trainer(cfg)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.run_lock.release()
     return getattr(trainer, "stopped_at", None) is None

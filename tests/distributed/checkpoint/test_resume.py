@@ -202,3 +202,24 @@ def test_preempted_step_is_given_up_and_the_previous_state_saved_at_once(setup):
     assert rest[0][0] == 1
     assert [_deterministic(m) for m in first[0][1] + rest[0][1]] == [_deterministic(m) for m in whole[0][1]]
     torch.testing.assert_close(rest[0][2], whole[0][2], rtol=0, atol=0)
+
+
+def test_a_run_directory_whose_checkpoints_all_fail_verification_is_refused(setup):
+    """Same-size damage to a shard of every checkpoint: the trainer does not start again from
+    the base model without a word; it names each checkpoint and why, unless told to start over."""
+    import shutil
+
+    tmp, common, whole = setup
+    damaged = tmp / "damaged"
+    shutil.copytree(tmp / "same_layout", damaged)
+    for ckpt in sorted((damaged / "checkpoints").glob("step_*")):
+        shard = max((ckpt / "megatron").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 4096])
+        shard.write_bytes(bytes(data))
+    run = common + [f"trainer.run_dir={damaged}", "trainer.steps=4"]
+    with pytest.raises(RuntimeError, match="no checkpoint can be resumed from") as info:
+        run_distributed(worker, 2, run, timeout=300)
+    assert "step_00000003" in str(info.value) and "does not match its sha256 digest" in str(info.value)
+    started = run_distributed(worker, 2, run[:-1] + ["trainer.steps=1", "trainer.start_over=true"], timeout=300)
+    assert started[0][0] == 0
