@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import time
 
 import pytest
@@ -41,7 +42,10 @@ def _model():
 
 
 def saver(root: str, report: str) -> None:
-    """One 'start': check what the store offers, then keep saving new steps."""
+    """One 'start': check what the store offers, then keep saving new steps. Its own process
+    group: a kill of the group takes dist_checkpointing's writer children with it, as a job's
+    end does (a kill of the saver alone would leave them running under PID 1)."""
+    os.setpgid(0, 0)
     from megatron_cegppo.checkpoint.megatron_state import load_model_and_optimizer, save_model_and_optimizer
     from megatron_cegppo.checkpoint.store import CheckpointStore
 
@@ -70,6 +74,32 @@ def saver(root: str, report: str) -> None:
         store.commit(step)
 
 
+def _kill_group(proc) -> list:
+    """kill -9 of the saver's process group; returns the processes still alive after it."""
+    import psutil
+
+    try:
+        members = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        members = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.join()
+    _, alive = psutil.wait_procs([p for p in map(_process, members) if p is not None], timeout=10)
+    return [p.pid for p in alive]
+
+
+def _process(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
 def test_kill_9_during_real_saves(tmp_path):
     ctx = mp.get_context("spawn")
     rng = random.Random(1)
@@ -81,12 +111,10 @@ def test_kill_9_during_real_saves(tmp_path):
             end = time.time() + 120
             while len(report.read_text().splitlines()) < 11 and time.time() < end:
                 time.sleep(0.5)
-            proc.kill()
-            proc.join()
+            assert _kill_group(proc) == [], "processes outlived the kill"
             break
         time.sleep(rng.uniform(8.0, 14.0))  # start-up takes ~6 s; saves take ~1-3 s each
-        proc.kill()
-        proc.join()
+        assert _kill_group(proc) == [], "processes outlived the kill"
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(rows) == 11
     assert all(r["weights_match_step"] for r in rows), rows
