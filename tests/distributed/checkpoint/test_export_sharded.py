@@ -235,6 +235,10 @@ def test_only_the_writer_keeps_exported_tensors(exported):
     # the measurement sees what the writer keeps: the last shard, pending until finished
     assert 0 < kept[0][-1] <= SHARD, kept[0]
     assert max(kept[0]) > biggest_full, kept[0]
-    assert max(kept[0]) <= SHARD + biggest_full, kept[0]
+    # at a sample the writer may also still hold, besides its pending shard, the previous
+    # bucket's last tensor while the next one is gathered (seen once under load): far from the
+    # whole model, which the old export kept
+    total = sum(_nbytes(t) for t in ranks[0]["fp32"].values())
+    assert max(kept[0]) <= SHARD + 2 * biggest_full < total, (kept[0], total)
     print(f"kept beyond the bucket (bytes): rank 0 {kept[0]}, rank 1 {kept[1]}; "
           f"buckets: {[own for _, own in ranks[0]['samples']]}")
