@@ -39,16 +39,9 @@ def hash_memory(name: str, data: memoryview, chunk: int) -> float:
 
 
 def hash_file(name: str, path: Path, chunk: int) -> str:
-    h = hashlib.new(name)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
+    from megatron_cegppo.checkpoint.store import digest_file
+
+    return digest_file(path, algorithm=name, chunk=chunk)
 
 
 def timed(fn, repeats: int) -> float:

@@ -52,6 +52,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from megatron_cegppo.tracking.run_dir import fsync_dir
+
 LOCK_NAME = "run.lock"
 CLAIM_PREFIX = LOCK_NAME + ".takeover."
 DEFAULT_STALE_AFTER_SECONDS = 1800.0
@@ -129,19 +131,6 @@ def _pid_namespace() -> str | None:
         return None
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_tmp(directory: Path, text: str) -> Path:
     tmp = directory / f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -176,7 +165,7 @@ def _create_exclusive(path: Path, text: str) -> bool:
         return os.stat(tmp).st_nlink == 2
     finally:
         _unlink(tmp)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _create_excl_open(path: Path, text: str) -> bool:
@@ -379,7 +368,7 @@ class RunLock:
             except BaseException:
                 _unlink(tmp)
                 raise
-            _fsync_dir(self.run_dir)
+            fsync_dir(self.run_dir)
             return "won"
         finally:
             for i in range(k + 1):
@@ -428,7 +417,7 @@ class RunLock:
         current, _ = _read_record(self.path)
         if current is not None and current.get("token") == self.token:
             _unlink(self.path)
-            _fsync_dir(self.run_dir)
+            fsync_dir(self.run_dir)
         self.token = None
         self._record = None
 
