@@ -231,10 +231,12 @@ def hide_unimportable_transformer_engine() -> str:
 
 
 def layer_implementation(device: torch.device) -> tuple[str, str]:
-    """``(impl, reason)`` for a process on ``device``: transformer-engine needs CUDA."""
+    """``(impl, reason)`` for a process on ``device``: transformer-engine needs CUDA. The probe
+    runs whatever the device, so that a broken TE is hidden before megatron is imported."""
+    impl, reason = importable_layer_implementation()
     if device.type != "cuda":
         return "local", "transformer-engine needs CUDA"
-    return importable_layer_implementation()
+    return impl, reason
 
 
 def _fused_softmax_available(device: torch.device) -> bool:
@@ -252,8 +254,6 @@ _current: Optional[Platform] = None
 def detect_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Platform:
     """What this process would run on, without changing anything."""
     device = resolve_device(setting, local_rank)
-    if importlib.util.find_spec("transformer_engine") is not None:
-        hide_unimportable_transformer_engine()  # before anything imports megatron
     impl, reason = layer_implementation(device)
     return Platform(device=device, backend="nccl" if device.type == "cuda" else "gloo", layer_impl=impl,
                     layer_reason=reason, fused_softmax=_fused_softmax_available(device))

@@ -131,14 +131,24 @@ def _pid_namespace() -> str | None:
         return None
 
 
-def _write_tmp(directory: Path, text: str) -> Path:
-    tmp = directory / f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def _write_new(path: Path, text: str) -> bool:
+    """Creates ``path`` holding ``text``, fsynced (``O_EXCL``); ``False`` if it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
     try:
         os.write(fd, text.encode("utf-8"))
         os.fsync(fd)
     finally:
         os.close(fd)
+    return True
+
+
+def _write_tmp(directory: Path, text: str) -> Path:
+    tmp = directory / f".{LOCK_NAME}.{uuid.uuid4().hex}.tmp"
+    if not _write_new(tmp, text):
+        raise FileExistsError(tmp)
     return tmp
 
 
@@ -160,25 +170,12 @@ def _create_exclusive(path: Path, text: str) -> bool:
         except OSError as e:
             if e.errno not in _NO_LINK_ERRNOS:
                 raise
-            return _create_excl_open(path, text)
+            return _write_new(path, text)
         # the link count tells the truth even when an NFS retransmission reported EEXIST
         return os.stat(tmp).st_nlink == 2
     finally:
         _unlink(tmp)
         fsync_dir(path.parent)
-
-
-def _create_excl_open(path: Path, text: str) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
 
 
 def _read_record(path: Path) -> tuple[dict | None, float | None]:

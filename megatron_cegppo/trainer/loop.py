@@ -27,6 +27,15 @@ from megatron_cegppo.trainer.stopping import (
 )
 
 
+def _any_rank(platform, flag) -> bool:
+    """Whether ``flag`` (a bool or a 0-dim tensor) holds on any rank: one all-reduced device
+    tensor (NCCL takes device tensors only), also in a world of one."""
+    flag = flag.to(platform.device, torch.float32) if isinstance(flag, torch.Tensor) else platform.tensor(float(flag))
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 class NonFiniteError(RuntimeError):
     """Training cannot go on: gradients or weights are not finite."""
 
@@ -180,14 +189,6 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _my_rows(self, total: int) -> list[list[int]]:
-        """Unpacked: this data-parallel rank's rows of each mini-batch."""
-        L, mbs = self.layout, self.cfg.algorithm.minibatches
-        per_mb = total // mbs
-        per_rank = per_mb // L.dp
-        return [list(range(m * per_mb + L.dp_rank * per_rank, m * per_mb + (L.dp_rank + 1) * per_rank))
-                for m in range(mbs)]
-
     def train_step(self, step: int, timer) -> dict:
         """One RL step, phase by phase: generate (vLLM; each response scored by the reward as
         it comes, for dynamic sampling), advantages, pack, recompute log-probs, update, sync."""
@@ -233,10 +234,13 @@ class Trainer:
 
         a, L = self.cfg.algorithm, self.layout
         common = dict(pad_id=self.pad_id, seq_len=rollout.seq_len, place=L.platform.place)
+        per_mb = len(rollout.completions) // a.minibatches
         minibatches = []
-        for rows in self._my_rows(len(rollout.completions)) if a.max_tokens_per_microbatch is None else \
-                self._minibatch_rows(len(rollout.completions)):
-            if a.max_tokens_per_microbatch is None:
+        for m in range(a.minibatches):
+            rows = list(range(m * per_mb, (m + 1) * per_mb))
+            if a.max_tokens_per_microbatch is None:  # this rank's contiguous share
+                per_rank = per_mb // L.dp
+                rows = rows[L.dp_rank * per_rank:(L.dp_rank + 1) * per_rank]
                 minibatches.append(build_microbatches(
                     rollout.prompts, [rollout.completions[i] for i in rows], rollout.advantages[rows],
                     micro_batch_size=a.micro_batch_size, **common))
@@ -255,11 +259,6 @@ class Trainer:
                 packed_tokens=-(-a.max_tokens_per_microbatch // multiple) * multiple,
                 attention=L.platform.packed_attention, **common))
         return minibatches
-
-    def _minibatch_rows(self, total: int) -> list[list[int]]:
-        """Packed: every row of each mini-batch (the packer gives each rank its share)."""
-        per_mb = total // self.cfg.algorithm.minibatches
-        return [list(range(m * per_mb, (m + 1) * per_mb)) for m in range(self.cfg.algorithm.minibatches)]
 
     def _recompute_log_probs(self, minibatches: list[list[MicroBatch]]) -> dict:
         """The current (old) policy's log-probs, and the reference model's for a KL term, into
@@ -340,9 +339,7 @@ class Trainer:
         for t in tensors:
             if t is not None and t.numel():
                 bad = torch.maximum(bad, (~torch.isfinite(t)).any().to(bad.dtype))
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bad.item()
+        return not _any_rank(self.layout.platform, bad)
 
     def _sync_weights(self) -> None:
         from megatron_cegppo.rollout.weight_sync import push_megatron_weights
@@ -527,10 +524,7 @@ class Trainer:
         the previous step, which is saved at once (instead of after the rest of a step that can
         take longer than the grace time). Every rank calls it at the same points."""
         urgent = getattr(self, "preempted", False) or (self.reporting and stop_file_urgent(self.cfg.trainer.run_dir))
-        flag = self.layout.platform.tensor(float(urgent))
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        if _any_rank(self.layout.platform, urgent):
             raise StepAbandoned(step)
 
     def _stop_reason(self) -> Optional[str]:
@@ -549,10 +543,7 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         """Whether any rank has a reason to stop (every rank calls it at the end of a step)."""
         self.stop_reason = self._stop_reason()
-        flag = self.layout.platform.tensor(float(self.stop_reason is not None))  # NCCL: device tensors only
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _any_rank(self.layout.platform, self.stop_reason is not None)
 
     # -- the run ----------------------------------------------------------------------------
 
