@@ -60,52 +60,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_cegppo.config import ConfigError, load_config, validate
+    from megatron_cegppo.config import ConfigError
 
     args = _parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "validate":
-            validate(cfg, args.world_size)
-            shape = _shape_problems(cfg, args.world_size)
-            if shape:
-                raise ConfigError("the model's shape does not fit the layout:\n  - " + "\n  - ".join(shape))
-            print(f"{args.config}: valid")
-            return 0
-        if args.command in ("submit", "plan"):
-            # the command line overrides the config's cluster section, which the plan reads
-            if args.nodes is not None:
-                cfg.cluster.nodes = args.nodes
-            if getattr(args, "gpus_per_node", None) is not None:
-                cfg.cluster.gpus_per_node = args.gpus_per_node
-            world = cfg.cluster.nodes * max(1, cfg.cluster.gpus_per_node)
-        if args.command == "eval":
-            if args.model:
-                cfg.model.path = args.model
-            cfg.data.train_path = cfg.data.train_path or args.data
-        validate(cfg, world if args.command in ("train", "export", "submit", "plan") else None)
+        cfg = _checked_config(args)
     except ConfigError as exc:
-        print(f"megatron-cegppo: {exc}", file=sys.stderr)
+        if _reports(args):
+            print(f"megatron-cegppo: {exc}", file=sys.stderr)
         return 2
+    if args.command == "validate":
+        print(f"{args.config}: valid")
+        return 0
     if args.command == "plan":
         return _plan(cfg, args)
     if args.command == "train":
-        from megatron_cegppo.trainer.loop import train
+        from megatron_cegppo.trainer.failure import run_reporting_failures
 
-        return 0 if train(cfg) else EXIT_STOPPED
+        def run() -> int:
+            from megatron_cegppo.trainer.loop import train
+
+            return 0 if train(cfg) else EXIT_STOPPED
+
+        return run_reporting_failures(run, cfg.trainer.run_dir)
     if args.command == "submit":
         from pathlib import Path
 
         from megatron_cegppo.slurm import render_sbatch, resolve_signal_seconds, submit
 
-        if not _preflight(cfg, args):
-            return 1
-        try:
-            signal_seconds = resolve_signal_seconds(args.signal_seconds, cfg.trainer.run_dir)
-        except ValueError as exc:
-            print(f"megatron-cegppo: {exc}", file=sys.stderr)
-            return 2
+        refused = _preflight(cfg, args)
+        if refused:
+            return refused
+        signal_seconds = resolve_signal_seconds(args.signal_seconds, cfg.trainer.run_dir)  # its form checked
         script = render_sbatch(config=args.config, overrides=args.overrides, run_dir=cfg.trainer.run_dir,
                                nodes=cfg.cluster.nodes, gpus_per_node=cfg.cluster.gpus_per_node, time=args.time,
                                partition=args.partition, signal_seconds=signal_seconds,
@@ -125,11 +111,152 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"megatron-cegppo: {exc}", file=sys.stderr)
             return 2
         return 0
+    from megatron_cegppo.data.prompts import DataError
     from megatron_cegppo.evaluate import evaluate
 
-    result = evaluate(cfg, args.data, k=args.k)
+    try:
+        result = evaluate(cfg, args.data, k=args.k)
+    except DataError as exc:  # e.g. prompts longer than the model allows
+        print(f"megatron-cegppo: {exc}", file=sys.stderr)
+        return 2
     print(f"accuracy avg@{args.k}: {result['accuracy']:.4f} over {result['prompts']} prompts")
     return 0
+
+
+# --- checks before anything heavy starts or anything is written ------------------------------
+
+def _reports(args) -> bool:
+    """Whether this process prints a refusal: torchrun starts one ``train`` per GPU, and one
+    message per node is enough."""
+    return args.command != "train" or os.environ.get("LOCAL_RANK", "") in ("", "0")
+
+
+def _checked_config(args):
+    """The config of ``args``, or one :class:`ConfigError` naming every problem of the
+    arguments, the config and the files it names."""
+    from megatron_cegppo.config import ConfigError, load_config, problems
+
+    wrong = _argument_problems(args)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise _refusal(wrong, exc.problems) from None
+    _apply_arguments(cfg, args)
+    found = problems(cfg, None if wrong else _world_size(cfg, args))
+    if args.command == "validate" and not found and not wrong:
+        found += _shape_problems(cfg, args.world_size)  # it divides by settings checked above
+    files = _file_problems(cfg, args, wrong) if args.command in ("validate", "train", "submit", "eval") else []
+    if args.command == "submit" and args.dry_run and not wrong and not found:
+        _warn_dry_run(files)  # a script may be prepared before its files are in place
+    elif wrong or found or files:
+        raise _refusal(wrong, found + files)
+    return cfg
+
+
+def _warn_dry_run(files: list) -> None:
+    if files:
+        print("megatron-cegppo: warning: submitting this script (without --dry-run) would be refused:\n  - "
+              + "\n  - ".join(files), file=sys.stderr)
+
+
+def _refusal(wrong: list, found: list):
+    from megatron_cegppo.config import ConfigError
+
+    header = ("invalid arguments and config" if wrong and found else "invalid arguments" if wrong
+              else "invalid config")
+    return ConfigError.of(wrong + found, header)
+
+
+def _argument_problems(args) -> list:
+    """The command line's own problems, one line each."""
+    out = []
+    if args.command == "validate" and args.world_size is not None and args.world_size < 1:
+        out.append(f"--world-size must be >= 1, got {args.world_size}")
+    if args.command in ("submit", "plan") and args.nodes is not None and args.nodes < 1:
+        out.append(f"--nodes must be >= 1, got {args.nodes}")
+    if args.command in ("train", "export"):
+        text = os.environ.get("WORLD_SIZE", "1")
+        if not text.strip().isdigit() or int(text) < 1:
+            out.append(f"WORLD_SIZE must be a positive integer, got {text!r}")
+    if args.command == "submit":
+        out.extend(_submit_problems(args))
+    if args.command == "export":
+        from megatron_cegppo.checkpoint.export import parse_shard_size
+
+        try:
+            parse_shard_size(args.shard_size)
+        except ValueError as exc:
+            out.append(str(exc))
+    if args.command == "eval":
+        if args.k < 1:
+            out.append(f"--k must be >= 1, got {args.k}")
+        out.extend(_data_file_problems(args.data))
+    return out
+
+
+def _submit_problems(args) -> list:
+    """What sbatch would refuse, before the script is written."""
+    from megatron_cegppo.slurm import signal_seconds_problem, time_limit_problem
+
+    out = []
+    if args.gpus_per_node is not None and args.gpus_per_node < 0:
+        out.append(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    if args.cpus_per_task < 1:
+        out.append(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
+    out.extend(p for p in (time_limit_problem(args.time), signal_seconds_problem(args.signal_seconds)) if p)
+    return out
+
+
+def _data_file_problems(path: str) -> list:
+    """``eval --data``: a readable file."""
+    from pathlib import Path
+
+    if not path:
+        return ["--data must name a JSONL or parquet file of prompts and answers, got ''"]
+    data = Path(path)
+    if not data.exists():
+        return [f"--data {path} does not exist"]
+    if not data.is_file():
+        return [f"--data {path} is not a file (a JSONL or parquet file of prompts and answers)"]
+    if not os.access(data, os.R_OK):
+        return [f"--data {path} cannot be read (permission denied)"]
+    return []
+
+
+def _apply_arguments(cfg, args) -> None:
+    """The command line's settings in ``cfg``: the cluster size (which the plan reads) and
+    eval's model and prompts. A refused value is left out (it is named once, as an argument)."""
+    if args.command in ("submit", "plan"):
+        if args.nodes is not None and args.nodes >= 1:
+            cfg.cluster.nodes = args.nodes
+        gpus = getattr(args, "gpus_per_node", None)
+        if gpus is not None and gpus >= 0:
+            cfg.cluster.gpus_per_node = gpus
+    if args.command == "eval":
+        if args.model:
+            cfg.model.path = args.model
+        cfg.data.train_path = args.data  # the prompts eval reads (the training file is not needed)
+
+
+def _world_size(cfg, args) -> Optional[int]:
+    """The process count the config is checked at (None: not checked)."""
+    if args.command == "validate":
+        return args.world_size
+    if args.command in ("submit", "plan"):
+        return cfg.cluster.nodes * max(1, cfg.cluster.gpus_per_node)
+    if args.command in ("train", "export"):
+        return int(os.environ.get("WORLD_SIZE", "1"))  # its form checked with the arguments
+    return None
+
+
+def _file_problems(cfg, args, wrong: list) -> list:
+    """The problems of the files the config names (prompts, model folder, run directory)."""
+    from megatron_cegppo.config.preflight import file_problems
+
+    found = file_problems(cfg)
+    if args.command == "eval" and args.data and any(p.startswith("--data ") for p in wrong):
+        found = [p for p in found if args.data not in p]  # the same file, named once as --data
+    return found
 
 
 def _architecture(cfg, required: bool):
@@ -137,27 +264,28 @@ def _architecture(cfg, required: bool):
     config that names no architecture and no folder with a config.json gives ``(None, None)``."""
     from pathlib import Path
 
-    from megatron_cegppo.planner.plan import read_architecture
-
     if not required and not cfg.model.architecture and not (Path(cfg.model.path) / "config.json").is_file():
         return None, None
+    from megatron_cegppo.planner.plan import read_architecture  # imports torch (models/hf_config)
+
     try:
         return read_architecture(cfg), None
     except (FileNotFoundError, ValueError) as exc:
         return None, str(exc)
 
 
-def _preflight(cfg, args) -> bool:
+def _preflight(cfg, args) -> Optional[int]:
     """Before a GPU job waits in the queue: the memory plan, which also names layout
-    problems (when the architecture can be read without the weights)."""
+    problems (when the architecture can be read without the weights). None: submit; else
+    the exit status (1: does not fit, 2: an architecture file that cannot be read)."""
     if cfg.cluster.gpus_per_node == 0:
-        return True  # CPU clusters
+        return None  # CPU clusters
     arch, error = _architecture(cfg, required=False)
     if error:
         print(f"megatron-cegppo: {error}", file=sys.stderr)
-        return False
+        return 2
     if arch is None:
-        return True  # nothing to plan from
+        return None  # nothing to plan from
     from megatron_cegppo.planner import format_plan, make_plan
     from megatron_cegppo.planner.plan import GIB
 
@@ -165,10 +293,10 @@ def _preflight(cfg, args) -> bool:
     if not plan.fits and not args.force:
         print(format_plan(plan, title=args.config))
         print("megatron-cegppo: not submitted: the plan above does not fit (--force submits anyway)", file=sys.stderr)
-        return False
+        return 1
     print(f"memory plan: training {plan.training_total / GIB:.1f} GiB, generation {plan.generation_total / GIB:.1f} "
           f"GiB per GPU of {plan.gpu_memory / GIB:.0f}: {'fits' if plan.fits else 'DOES NOT FIT (--force)'}")
-    return True
+    return None
 
 
 def _shape_problems(cfg, world_size: Optional[int]) -> list:

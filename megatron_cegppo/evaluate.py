@@ -11,7 +11,7 @@ from megatron_cegppo.config import Config
 def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
     from transformers import AutoTokenizer
 
-    from megatron_cegppo.data.prompts import apply_chat_template, load_prompts
+    from megatron_cegppo.data.prompts import load_prompts, tokenize_prompts
     from megatron_cegppo.rewards.registry import compute_rewards
     from megatron_cegppo.rollout import EngineConfig, RolloutEngine, SamplingConfig
 
@@ -19,10 +19,11 @@ def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
         raise ValueError(f"k must be >= 1, got {k}")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     records = load_prompts(data_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
-    prompts = []
-    for rec in records:
-        text = apply_chat_template(tokenizer, rec["prompt"], cfg.data.use_chat_template)
-        prompts.append(tokenizer.encode(text, add_special_tokens=text == rec["prompt"]))
+    # over-long prompts are refused or cut here, as in training, not by vLLM mid-run
+    fitted = tokenize_prompts(tokenizer, records, cfg, source=data_path)
+    if fitted.message:
+        print(f"[megatron-cegppo] {fitted.message}", flush=True)
+    prompts = fitted.token_ids
     r = cfg.rollout
     engine = RolloutEngine(cfg.model.path, EngineConfig(
         tensor_parallel_size=1, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
@@ -32,4 +33,4 @@ def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
     answers = [records[c.prompt_index]["answer"] for c in completions]
     rewards = compute_rewards(cfg.reward.name, [c.text for c in completions], answers)
     return {"accuracy": float(np.mean(rewards)), "prompts": len(records), "k": k,
-            "responses": [c.text for c in completions], "rewards": rewards}
+            "truncated_prompts": fitted.truncated, "responses": [c.text for c in completions], "rewards": rewards}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -63,6 +64,30 @@ def submit(script: str, out_path: Path, dry_run: bool) -> Optional[str]:
     job_id = result.stdout.strip().split(";")[0]
     print(f"submitted job {job_id} ({out_path})")
     return job_id
+
+
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+_TIME_LIMIT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+_NO_TIME_LIMIT = ("unlimited", "infinite")
+
+
+def time_limit_problem(text: str) -> Optional[str]:
+    """Why sbatch would refuse ``--time text``, or None."""
+    if text.lower() in _NO_TIME_LIMIT or _TIME_LIMIT.fullmatch(text):
+        return None
+    return (f"--time must be a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or "
+            f"UNLIMITED), got {text!r}")
+
+
+def signal_seconds_problem(text: str) -> Optional[str]:
+    """Why ``--signal-seconds text`` is neither ``auto`` nor a positive number of seconds, or None."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        seconds = int(text)
+    except ValueError:
+        return f"--signal-seconds must be 'auto' or a number of seconds, got {text!r}"
+    return None if seconds > 0 else f"--signal-seconds must be positive, got {seconds}"
 
 
 def resolve_signal_seconds(requested: str, run_dir: str) -> int:

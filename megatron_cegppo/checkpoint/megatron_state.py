@@ -27,9 +27,13 @@ def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict:
 
 
 def save_model_and_optimizer(model_chunks, optimizer, directory: Path) -> None:
-    """Every rank calls it; ``directory`` must exist and be empty."""
+    """Every rank calls it; ``directory`` must exist and be empty. A stop signal during it
+    does not break it (see :mod:`megatron_cegppo.checkpoint.save_compat`)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_cegppo.checkpoint.save_compat import install_results_queue
+
+    install_results_queue()
     dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(directory))
 
 

@@ -101,6 +101,23 @@ def _manifest_digest(manifest: Mapping) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def describe_write_failure(exc: BaseException, store: "CheckpointStore") -> str:
+    """One line for a failed save: the first failing rank's error (torch.distributed.checkpoint
+    gathers them into one exception with every traceback), and a note when the file system is
+    full, which the writers' errors rarely say (torch.save reports "unexpected pos ...")."""
+    failures = getattr(exc, "failures", None)
+    where = ""
+    if isinstance(failures, dict) and failures:
+        rank, exc = sorted(failures.items())[0]
+        exc = exc[0] if isinstance(exc, tuple) else exc  # (exception, stack summary)
+        where = f"rank {rank}: "
+    # the last line of a wrapped traceback is the error itself
+    lines = [line.strip() for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip()]
+    message = where + lines[-1]
+    full = store.disk_full_note()
+    return f"{message}{'; ' + full if full else ''}"
+
+
 class CheckpointStore:
     """The ``checkpoints/`` folder of a run. Rank 0 calls :meth:`commit` once every rank has
     finished writing into :meth:`staging_dir`; the digests can be computed by every rank on its
@@ -114,6 +131,20 @@ class CheckpointStore:
         # path -> (fingerprint of its files' sizes and mtimes, verified?) so that pruning does
         # not re-hash a checkpoint this process has already checked and nobody has rewritten
         self._verified: dict[Path, tuple[tuple, bool]] = {}
+
+    def disk_full_note(self) -> Optional[str]:
+        """A note when the file system of the checkpoints has less room than the newest
+        checkpoint takes (1 MiB before the first): the next save cannot fit."""
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+        listed = self._listed()
+        newest = sum(p.stat().st_size for p in listed[-1][1].rglob("*") if p.is_file()) if listed else 0
+        if free >= (newest or 1 << 20):
+            return None
+        return (f"the file system of {self.root} is full ({free / 2**20:.1f} MiB free; the newest checkpoint "
+                f"takes {newest / 2**20:.1f} MiB): free space there, then start again to resume")
 
     def staging_dir(self, step: int) -> Path:
         return self.root / f".staging-{step_dir_name(step)}"
@@ -272,10 +303,11 @@ class CheckpointStore:
                                       f"digest (altered or corrupt)")
         return manifest
 
-    def _check(self, path: Path) -> dict:
-        """:meth:`verify`, remembering the outcome for pruning."""
+    def check(self, path: Path, digests: Optional[Mapping[str, str]] = None) -> dict:
+        """:meth:`verify` (with ``digests`` computed elsewhere, e.g. by every rank on its
+        :meth:`share_digests`), remembering the outcome for pruning."""
         try:
-            manifest = self.verify(path)
+            manifest = self.verify(path, digests=digests)
         except CheckpointError:
             if path.is_dir():
                 self._remember(path, False)
@@ -283,31 +315,55 @@ class CheckpointStore:
         self._remember(path, True)
         return manifest
 
+    def candidates(self) -> list[Path]:
+        """The checkpoints to resume from, in the order :meth:`latest` tries them: the one the
+        ``latest`` pointer names, then the others newest first."""
+        named = self._named()
+        rest = [path for _, path in reversed(self._listed()) if path != named]
+        return ([named] if named is not None else []) + rest
+
+    @staticmethod
+    def share_digests(path: Path, rank: int, world: int, workers: Optional[int] = None) -> dict[str, str]:
+        """Digests of rank ``rank``'s share of the files that :meth:`verify` of ``path`` would
+        hash (those present at their recorded size): every rank hashes its share of a large
+        checkpoint at resume, as at save. Empty when the manifest cannot be read (verify
+        then says why)."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files, algorithm = manifest["files"], manifest.get("digest_algorithm", DIGEST_ALGORITHM)
+            hashlib.new(algorithm)
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        present = [path / name for name, size in files.items()
+                   if (path / name).is_file() and (path / name).stat().st_size == size]
+        return digest_files(split_files(present, rank, world), root=path, algorithm=algorithm, workers=workers)
+
     def latest(self) -> Optional[Path]:
         """The checkpoint to resume from: the one ``latest`` names if it verifies, else the
         newest one that verifies (with a warning naming the bad file); ``None`` when there is
         none."""
-        pointer = self.root / LATEST
-        named = None
-        if pointer.exists():
-            named = self.root / pointer.read_text().strip()
+        for index, path in enumerate(self.candidates()):
             try:
-                self._check(named)
-                return named
+                self.check(path)
             except CheckpointError as exc:
-                warnings.warn(f"latest checkpoint unusable ({exc}); looking for an older one")
-        for _, path in reversed(self._listed()):
-            if path == named:
+                self.warn_unusable(path, exc)
                 continue
-            try:
-                self._check(path)
-            except CheckpointError as exc:
-                warnings.warn(f"skipping checkpoint: {exc}")
-                continue
-            if named is not None:
+            if index:
                 warnings.warn(f"resuming from {path.name} instead")
             return path
         return None
+
+    def warn_unusable(self, path: Path, exc: CheckpointError) -> None:
+        """The warning for a checkpoint passed over on the way to one that verifies."""
+        if self._named() == path:
+            warnings.warn(f"latest checkpoint unusable ({exc}); looking for an older one")
+        else:
+            warnings.warn(f"skipping checkpoint: {exc}")
+
+    def _named(self) -> Optional[Path]:
+        pointer = self.root / LATEST
+        return self.root / pointer.read_text().strip() if pointer.exists() else None
 
     latest_verified = latest
 
@@ -317,7 +373,7 @@ class CheckpointStore:
         out = []
         for _, path in self._listed():
             try:
-                self._check(path)
+                self.check(path)
             except CheckpointError as exc:
                 out.append((path, str(exc)))
         return out

@@ -10,6 +10,7 @@ from typing import Optional
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 DEVICE_SETTINGS = ("auto", "cuda", "cpu")
+TRUNCATION_MODES = ("error", "left", "right")
 
 
 @dataclass
@@ -55,6 +56,12 @@ class DataConfig:
     answer_key: str = "answer"
     use_chat_template: Optional[bool] = None  # None: when the tokenizer has one
     shuffle: bool = True
+    # the longest prompt, in tokens after the chat template; default (None): what the model
+    # leaves beside a full response, rollout.max_model_len - rollout.max_tokens
+    max_prompt_tokens: Optional[int] = None
+    # a prompt over max_prompt_tokens: error (refused at load, with the count and the longest)
+    # | left (its first tokens dropped) | right (its last tokens dropped)
+    truncation: str = "error"
 
 
 @dataclass

@@ -1,102 +1,254 @@
-"""Up-front checks of a :class:`Config`: every problem named, before any heavy import."""
+"""Up-front checks of a :class:`Config`: every problem named, before any heavy import.
+
+Each setting is checked on its own first (a range, a choice, finiteness), then the settings
+that depend on one another, only where each of those passed on its own: nothing here divides
+by a setting that may be zero, and :func:`problems` never raises."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import fields
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from megatron_cegppo.config.loader import ConfigError
-from megatron_cegppo.config.schema import DEVICE_SETTINGS, RECOMPUTE_MODES, Config
+from megatron_cegppo.config.schema import DEVICE_SETTINGS, RECOMPUTE_MODES, TRUNCATION_MODES, Config
 
 _LOSSES = ("cegppo", "ppo", "cispo", "gspo")
 _AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_SEED_LIMIT = 2**32  # the trainer seeds numpy's global generator, which takes 32 bits
+
+
+class Rule(NamedTuple):
+    """A setting is valid when ``test(value)``; else it "must be ``wanted``"."""
+
+    test: Callable[[Any], bool]
+    wanted: str
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def at_least(low: int) -> Rule:
+    """An integer >= ``low``."""
+    return Rule(lambda v: _is_int(v) and v >= low, f">= {low}")
+
+
+def no_less(low: float) -> Rule:
+    """A number >= ``low``."""
+    return Rule(lambda v: _is_number(v) and v >= low, f">= {low:g}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda v: _is_number(v) and v > low, f"> {low:g}")
+
+
+def within(low: float, high: float, *, closed_low: bool, closed_high: bool) -> Rule:
+    def test(v: Any) -> bool:
+        return (_is_number(v) and (v >= low if closed_low else v > low)
+                and (v <= high if closed_high else v < high))
+
+    text = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+    return Rule(test, text)
+
+
+def one_of(choices) -> Rule:
+    return Rule(lambda v: v in choices, f"one of {list(choices)}")
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.test(v), f"{rule.wanted} when set")
+
+
+NON_EMPTY = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+STRINGS = Rule(lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+               "a list of non-empty strings")
+PROBABILITY = within(0, 1, closed_low=False, closed_high=True)
+FRACTION = within(0, 1, closed_low=True, closed_high=False)
+
+# every setting with a range or a set of choices; model.path and data.train_path are
+# checked apart (their message says what they are)
+RULES: dict[str, Rule] = {
+    "model.dtype": one_of(("float32", "bfloat16")),
+    "model.logprob_impl": one_of(("fused", "logits")),
+    "parallel.tensor": at_least(1),
+    "parallel.pipeline": at_least(1),
+    "parallel.virtual_pipeline": optional(at_least(2)),
+    "parallel.recompute": one_of(RECOMPUTE_MODES),
+    "rollout.tensor_parallel": at_least(1),
+    "rollout.n": at_least(1),
+    "rollout.temperature": above(0),
+    "rollout.top_p": PROBABILITY,
+    "rollout.max_tokens": at_least(1),
+    "rollout.stop": STRINGS,
+    "rollout.max_model_len": at_least(1),
+    "rollout.kv_cache_bytes": at_least(1),
+    "rollout.gpu_memory_utilization": PROBABILITY,
+    "rollout.weight_bucket_bytes": at_least(1),
+    "data.prompt_key": NON_EMPTY,
+    "data.answer_key": NON_EMPTY,
+    "data.max_prompt_tokens": optional(at_least(1)),
+    "data.truncation": one_of(TRUNCATION_MODES),
+    "reward.name": NON_EMPTY,
+    "algorithm.loss": one_of(_LOSSES),
+    "algorithm.eps_low": FRACTION,
+    "algorithm.eps_high": no_less(0),
+    "algorithm.beta1": no_less(0),
+    "algorithm.beta2": no_less(0),
+    "algorithm.clip_ratio_c": above(1),
+    "algorithm.loss_agg_mode": one_of(_AGG),
+    "algorithm.max_sampling_rounds": at_least(1),
+    "algorithm.prompts_per_step": at_least(1),
+    "algorithm.minibatches": at_least(1),
+    "algorithm.epochs": at_least(1),
+    "algorithm.micro_batch_size": at_least(1),
+    "algorithm.max_tokens_per_microbatch": optional(at_least(1)),
+    "algorithm.entropy_coeff": no_less(0),
+    "algorithm.kl_coeff": no_less(0),
+    "algorithm.tis_cap": optional(above(0)),
+    "optim.lr": above(0),
+    "optim.min_lr": no_less(0),
+    "optim.schedule": one_of(("constant", "cosine")),
+    "optim.warmup_steps": at_least(0),
+    "optim.weight_decay": no_less(0),
+    "optim.adam_beta1": FRACTION,
+    "optim.adam_beta2": FRACTION,
+    "optim.adam_eps": above(0),
+    "optim.grad_clip": no_less(0),
+    "trainer.steps": at_least(1),
+    "trainer.seed": Rule(lambda v: _is_int(v) and 0 <= v < _SEED_LIMIT, f"in [0, {_SEED_LIMIT - 1}]"),
+    "trainer.run_dir": NON_EMPTY,
+    "trainer.log_every": at_least(1),
+    "trainer.save_every": at_least(0),
+    "trainer.keep_checkpoints": at_least(1),
+    "trainer.resume_from": optional(NON_EMPTY),
+    "trainer.device": one_of(DEVICE_SETTINGS),
+    "trainer.max_consecutive_nonfinite": at_least(1),
+    "cluster.nodes": at_least(1),
+    "cluster.gpus_per_node": at_least(0),
+    "cluster.gpu_memory_gib": above(0),
+}
+
+
+def setting_problem(key: str, value: Any) -> Optional[str]:
+    """The problem of one setting on its own (``optim.lr``, ``inf``), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        # optim.lr=inf would train from step 0 into non-finite weights
+        return f"{key} must be a finite number, got {value}"
+    rule = RULES.get(key)
+    if rule is None:
+        return None
+    try:
+        ok = rule.test(value)
+    except TypeError:  # a value of another type, set by code rather than by the loader
+        ok = False
+    return None if ok else f"{key} must be {rule.wanted}, got {value!r}"
+
+
+def _settings(cfg: Config):
+    """(dotted key, value) of every setting."""
+    for section in fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in fields(values):
+            yield f"{section.name}.{f.name}", getattr(values, f.name)
 
 
 def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     """Every problem found (empty: valid)."""
     out = []
-    p, a, r, o, t = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.optim, cfg.trainer
+    if not cfg.model.path:
+        out.append("model.path: the HF folder of the starting weights is required")
+    if not cfg.data.train_path:
+        out.append("data.train_path: a JSONL or parquet file of prompts is required")
+    bad = set()
+    for key, value in _settings(cfg):
+        problem = setting_problem(key, value)
+        if problem:
+            bad.add(key)
+            out.append(problem)
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            out.append(message)
+    def ok(*keys: str) -> bool:  # settings that depend on one another: checked when each is valid
+        return not bad.intersection(keys)
 
-    need(bool(cfg.model.path), "model.path: the HF folder of the starting weights is required")
-    need(cfg.model.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-    need(cfg.model.logprob_impl in ("fused", "logits"), f"model.logprob_impl must be fused or logits, got {cfg.model.logprob_impl!r}")
-    need(bool(cfg.data.train_path), "data.train_path: a JSONL or parquet file of prompts is required")
-    for name in ("tensor", "pipeline"):
-        need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
-    need(p.virtual_pipeline is None or (p.virtual_pipeline >= 2 and p.pipeline >= 2),
-         "parallel.virtual_pipeline needs parallel.pipeline >= 2 and is >= 2 when set")
-    need(p.recompute in RECOMPUTE_MODES,
-         f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
-    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
-    if world_size is not None and p.tensor >= 1 and p.pipeline >= 1:
-        need(world_size % (p.tensor * p.pipeline) == 0,
-             f"world size {world_size} is not a multiple of tensor x pipeline = {p.tensor * p.pipeline}")
-        need(world_size % r.tensor_parallel == 0,
-             f"world size {world_size} is not a multiple of rollout.tensor_parallel = {r.tensor_parallel}")
-    need(r.n >= 2 or not a.dynamic_sampling, "rollout.n must be >= 2 for group advantages")
-    need(r.n >= 1, "rollout.n must be >= 1")
-    need(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
-    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    need(r.max_tokens >= 1 and r.max_model_len > r.max_tokens, "rollout.max_model_len must exceed rollout.max_tokens >= 1")
-    need(a.loss in _LOSSES, f"algorithm.loss {a.loss!r} is not one of {list(_LOSSES)}")
-    need(a.loss_agg_mode in _AGG, f"algorithm.loss_agg_mode {a.loss_agg_mode!r} is not one of {list(_AGG)}")
-    need(a.beta1 >= 0 and a.beta2 >= 0, f"algorithm.beta1/beta2 must be >= 0, got {a.beta1}/{a.beta2}")
-    need(a.clip_ratio_c > 1, f"algorithm.clip_ratio_c must be > 1, got {a.clip_ratio_c}")
-    need(0 <= a.eps_low < 1 and a.eps_high >= 0, "algorithm.eps_low must be in [0, 1) and eps_high >= 0")
-    need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap must be > 0 when set")
-    need(a.kl_coeff >= 0 and a.entropy_coeff >= 0, "algorithm.kl_coeff and entropy_coeff must be >= 0")
-    need(a.prompts_per_step >= 1 and a.minibatches >= 1 and a.epochs >= 1 and a.micro_batch_size >= 1,
-         "algorithm.prompts_per_step, minibatches, epochs and micro_batch_size must be >= 1")
-    need(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds must be >= 1")
-    need(a.prompts_per_step % a.minibatches == 0,
-         f"algorithm.prompts_per_step {a.prompts_per_step} must divide into {a.minibatches} mini-batches")
-    budget = a.max_tokens_per_microbatch
-    need(budget is None or budget >= r.max_model_len - 1,
-         f"algorithm.max_tokens_per_microbatch={budget} is shorter than the longest sequence: a prompt and its "
-         f"response take up to rollout.max_model_len - 1 = {r.max_model_len - 1} positions "
-         f"(rollout.max_tokens={r.max_tokens} of them the response), and a sequence is never split")
-    if world_size is not None and p.tensor * p.pipeline >= 1 and world_size % (p.tensor * p.pipeline) == 0:
-        dp = world_size // (p.tensor * p.pipeline)
-        per_rank = a.prompts_per_step * r.n // a.minibatches
-        need(per_rank >= dp, f"a mini-batch of {per_rank} sequences cannot give each of {dp} data-parallel "
-                             "rank(s) one")
-        need(budget is not None or (per_rank % dp == 0 and (per_rank // dp) % a.micro_batch_size == 0),
-             f"a mini-batch of {per_rank} sequences must split over {dp} data-parallel rank(s) into "
-             f"micro-batches of algorithm.micro_batch_size={a.micro_batch_size}")
-    need(o.lr > 0 and o.min_lr >= 0, "optim.lr must be > 0 and optim.min_lr >= 0")
-    need(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got {o.schedule!r}")
-    need(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
-    need(t.steps >= 1, "trainer.steps must be >= 1")
-    need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
-    need(t.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite must be >= 1")
-    out.extend(_non_finite(cfg))
-    need(t.device in DEVICE_SETTINGS, f"trainer.device must be one of {list(DEVICE_SETTINGS)}, got {t.device!r}")
-    c = cfg.cluster
-    need(c.nodes >= 1 and c.gpus_per_node >= 0 and c.gpu_memory_gib > 0,
-         "cluster.nodes must be >= 1, cluster.gpus_per_node >= 0 and cluster.gpu_memory_gib > 0")
+    out.extend(_parallel_problems(cfg, ok))
+    out.extend(_length_problems(cfg, ok))
+    out.extend(_batch_problems(cfg, ok))
+    if ok("optim.lr", "optim.min_lr") and cfg.optim.min_lr > cfg.optim.lr:
+        out.append(f"optim.min_lr ({cfg.optim.min_lr}) must be <= optim.lr ({cfg.optim.lr})")
+    if world_size is not None:
+        out.extend(_world_problems(cfg, world_size, ok))
     return out
 
 
-def _non_finite(cfg: Config) -> list[str]:
-    """Every float setting that is nan or infinite (``optim.lr=inf`` would train from step 0
-    into non-finite weights)."""
+def _parallel_problems(cfg: Config, ok) -> list[str]:
+    p, out = cfg.parallel, []
+    if ok("parallel.virtual_pipeline", "parallel.pipeline") and p.virtual_pipeline is not None and p.pipeline < 2:
+        out.append(f"parallel.virtual_pipeline ({p.virtual_pipeline}) needs parallel.pipeline >= 2, "
+                   f"got {p.pipeline}")
+    if ok("parallel.tensor") and p.sequence_parallel and p.tensor <= 1:
+        out.append("parallel.sequence_parallel needs parallel.tensor > 1")
+    return out
+
+
+def _length_problems(cfg: Config, ok) -> list[str]:
+    """Prompt and response lengths against the model length."""
+    r, d, out = cfg.rollout, cfg.data, []
+    if ok("rollout.max_tokens", "rollout.max_model_len") and r.max_model_len <= r.max_tokens:
+        out.append(f"rollout.max_model_len ({r.max_model_len}) must exceed rollout.max_tokens ({r.max_tokens}): "
+                   "a prompt needs at least one position")
+    if (ok("data.max_prompt_tokens", "rollout.max_model_len") and d.max_prompt_tokens is not None
+            and d.max_prompt_tokens >= r.max_model_len):
+        out.append(f"data.max_prompt_tokens ({d.max_prompt_tokens}) must be < rollout.max_model_len "
+                   f"({r.max_model_len}): a response needs at least one position")
+    budget = cfg.algorithm.max_tokens_per_microbatch
+    if (ok("algorithm.max_tokens_per_microbatch", "rollout.max_model_len", "rollout.max_tokens")
+            and budget is not None and budget < r.max_model_len - 1):
+        out.append(f"algorithm.max_tokens_per_microbatch={budget} is shorter than the longest sequence: a prompt "
+                   f"and its response take up to rollout.max_model_len - 1 = {r.max_model_len - 1} positions "
+                   f"(rollout.max_tokens={r.max_tokens} of them the response), and a sequence is never split")
+    return out
+
+
+def _batch_problems(cfg: Config, ok) -> list[str]:
+    a, r, out = cfg.algorithm, cfg.rollout, []
+    if ok("rollout.n") and a.dynamic_sampling and r.n < 2:
+        out.append(f"rollout.n must be >= 2 for group advantages (algorithm.dynamic_sampling), got {r.n}")
+    if ok("algorithm.prompts_per_step", "algorithm.minibatches") and a.prompts_per_step % a.minibatches:
+        out.append(f"algorithm.prompts_per_step {a.prompts_per_step} must divide into {a.minibatches} mini-batches")
+    return out
+
+
+def _world_problems(cfg: Config, world_size: Any, ok) -> list[str]:
+    """The layout and the batch split at ``world_size`` processes."""
+    p, a, r = cfg.parallel, cfg.algorithm, cfg.rollout
+    if not _is_int(world_size) or world_size < 1:
+        return [f"world size must be >= 1, got {world_size!r}"]
     out = []
-    for section in fields(cfg):
-        values = getattr(cfg, section.name)
-        for f in fields(values):
-            value = getattr(values, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                out.append(f"{section.name}.{f.name} must be a finite number, got {value}")
+    model = p.tensor * p.pipeline if ok("parallel.tensor", "parallel.pipeline") else None
+    if model is not None and world_size % model:
+        out.append(f"world size {world_size} is not a multiple of tensor x pipeline = {model}")
+    if ok("rollout.tensor_parallel") and world_size % r.tensor_parallel:
+        out.append(f"world size {world_size} is not a multiple of rollout.tensor_parallel = {r.tensor_parallel}")
+    keys = ("algorithm.prompts_per_step", "algorithm.minibatches", "algorithm.micro_batch_size", "rollout.n",
+            "algorithm.max_tokens_per_microbatch")
+    if model is None or world_size % model or not ok(*keys):
+        return out
+    dp = world_size // model
+    per_rank = a.prompts_per_step * r.n // a.minibatches
+    if per_rank < dp:
+        out.append(f"a mini-batch of {per_rank} sequences cannot give each of {dp} data-parallel rank(s) one")
+    if a.max_tokens_per_microbatch is None and (per_rank % dp or (per_rank // dp) % a.micro_batch_size):
+        out.append(f"a mini-batch of {per_rank} sequences must split over {dp} data-parallel rank(s) into "
+                   f"micro-batches of algorithm.micro_batch_size={a.micro_batch_size}")
     return out
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     found = problems(cfg, world_size)
     if found:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+        raise ConfigError.of(found)
     return cfg

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-import torch
-
 
 class ShuffledSampler:
     """Indices ``0..num_items-1``; epoch ``e`` uses a permutation from a generator seeded
@@ -22,6 +20,8 @@ class ShuffledSampler:
     def _epoch_order(self, epoch: int) -> List[int]:
         if not self.shuffle:
             return list(range(self.num_items))
+        import torch  # here: the data package is read by the preflight, before torch starts
+
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_items, generator=g).tolist()
 

@@ -1,19 +1,21 @@
 """Megatron-core GPT models: layer specs chosen at run time, model chunks per pipeline stage,
-and the Hugging Face (Qwen2 / Llama) weight mapping."""
+and the Hugging Face (Qwen2 / Llama) weight mapping.
 
-from megatron_cegppo.models.gpt import build_gpt_from_hf, build_gpt_model_chunks, gpt_layer_spec
-from megatron_cegppo.models.hf_config import HFArchitecture, padded_vocab_size, transformer_config_from_hf
-from megatron_cegppo.models.hf_io import export_hf_weights, import_hf_weights, read_hf_config, read_hf_state
+The names are imported on first use: the planner and the preflight read
+:mod:`megatron_cegppo.models.hf_config` before torch starts."""
 
-__all__ = [
-    "HFArchitecture",
-    "build_gpt_from_hf",
-    "build_gpt_model_chunks",
-    "export_hf_weights",
-    "gpt_layer_spec",
-    "import_hf_weights",
-    "padded_vocab_size",
-    "read_hf_config",
-    "read_hf_state",
-    "transformer_config_from_hf",
-]
+from importlib import import_module
+
+_HOMES = {
+    "build_gpt_from_hf": "gpt", "build_gpt_model_chunks": "gpt", "gpt_layer_spec": "gpt",
+    "HFArchitecture": "hf_config", "padded_vocab_size": "hf_config", "transformer_config_from_hf": "hf_config",
+    "export_hf_weights": "hf_io", "import_hf_weights": "hf_io", "read_hf_config": "hf_io", "read_hf_state": "hf_io",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 
 from megatron_cegppo.config.schema import RECOMPUTE_MODES
 
@@ -116,17 +115,20 @@ def transformer_config_from_hf(
     pp: int = 1,
     vpp: Optional[int] = None,
     sequence_parallel: bool = False,
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: Any = None,
     recompute: str = "none",
     **overrides: Any,
 ):
     """A megatron-core ``TransformerConfig`` computing what the HF model computes.
 
     ``params_dtype=torch.bfloat16`` gives bf16 parameters and activations (``bf16=True``); the
-    fp32 master weights live in the optimizer. ``recompute``: see :func:`recompute_settings`."""
+    fp32 master weights live in the optimizer (default: float32). ``recompute``: see
+    :func:`recompute_settings`."""
+    import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
+    params_dtype = torch.float32 if params_dtype is None else params_dtype
     if arch.num_layers % (pp * (vpp or 1)):
         raise ValueError(
             f"{arch.num_layers} layers do not divide into pipeline size {pp} x virtual stages {vpp or 1}"

@@ -27,10 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# Elements of fp32 scratch per chunk (2-3 buffers): 4 Mi elements = 16 MiB each. Large
-# enough for the chunk's matmul and element-wise work to run at full speed, small next to
-# the [tokens, V/TP] tensors the common approach holds.
-_CHUNK_ELEMENTS = 1 << 22
+from megatron_cegppo.parallel.chunking import LOGITS_CHUNK_ELEMENTS as _CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_cegppo.parallel.vocab_parallel import _CHUNK_ELEMENTS
+from megatron_cegppo.parallel.chunking import LOGITS_CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def logprob_saved_bytes(*, tokens: int, hidden: int, shard: int, logprob_impl: s
 
 
 def head_buffer_bytes(*, tokens: int, hidden: int, padded_vocab: int, tp: int, sequence_parallel: bool,
-                      logprob_impl: str, dtype_bytes: int = 2, chunk_elements: int = _CHUNK_ELEMENTS) -> HeadBuffers:
+                      logprob_impl: str, dtype_bytes: int = 2, chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> HeadBuffers:
     """One micro-batch of ``tokens`` on the last stage, per tensor-parallel rank."""
     e, shard = dtype_bytes, padded_vocab // tp
     local_hidden = e * tokens * hidden // (tp if sequence_parallel else 1)

@@ -146,6 +146,9 @@ class _Worker:
 
 def _serve() -> None:
     """Child main loop: answers requests until stdin closes (the parent went away)."""
+    from megatron_cegppo.lifeline import exit_with_parent
+
+    exit_with_parent()  # even mid-request, or while a forked copy of the parent holds stdin open
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the reply channel
     sys.stdout = sys.stderr

@@ -41,6 +41,9 @@ def _worker(fn, rank, world_size, port, args, results, threads):
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(threads)
+    from megatron_cegppo.lifeline import exit_with_parent
+
+    exit_with_parent()  # a killed test runner takes its ranks with it
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)

@@ -106,19 +106,26 @@ class MetricsWriter:
         self.path = self.run_dir / METRICS_NAME
         self._file = None
         self._tb = None
+        self._closed = False
+        self._tensorboard = tensorboard
+        self._purge_step = None if truncate_after_step is None else truncate_after_step + 1
         if not enabled:
             return
+        if self.path.exists():
+            self._repair(truncate_after_step)
+
+    def _open(self) -> None:
+        """At the first record, not before: a run that fails before its first step leaves no
+        empty metrics file and no TensorBoard events for a rerun to append to."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._repair(truncate_after_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
+        if self._tensorboard:
             # Imported here: it is slow to import and unused on non-reporting ranks.
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides TensorBoard events from the discarded steps as well.
-            purge = None if truncate_after_step is None else truncate_after_step + 1
             self._tb = SummaryWriter(
-                log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30
+                log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self._purge_step, flush_secs=30
             )
 
     def _repair(self, truncate_after_step: int | None) -> None:
@@ -140,8 +147,10 @@ class MetricsWriter:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._file is None:
+        if self._closed:
             raise RuntimeError("MetricsWriter is closed")
+        if self._file is None:
+            self._open()
         step = operator.index(step)
         record: dict[str, Any] = {"step": step}
         nonfinite: list[str] = []
@@ -171,6 +180,7 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cegppo.config import Config
+from megatron_cegppo.lifeline import exit_with_launcher
 from megatron_cegppo.platform import Platform, init_platform, init_process_group
 
 
@@ -48,6 +49,7 @@ class Layout:
 def init_distributed(cfg: Config) -> Layout:
     """Starts the default process group from torchrun's environment (a single process without
     one) and megatron's tensor/pipeline/data-parallel groups."""
+    exit_with_launcher()  # a rank (and its children) must not outlive torchrun
     platform = init_platform(cfg.trainer.device)  # before megatron is imported
     from megatron.core import parallel_state
 

@@ -73,7 +73,7 @@ class Trainer:
         :class:`megatron_cegppo.rollout.replay.ReplayEngine`)."""
         from transformers import AutoTokenizer
 
-        from megatron_cegppo.data.prompts import apply_chat_template, load_prompts
+        from megatron_cegppo.data.prompts import load_prompts, tokenize_prompts
         from megatron_cegppo.data.sampler import ShuffledSampler
         from megatron_cegppo.rollout import EngineConfig, RolloutEngine, SamplingConfig
         from megatron_cegppo.trainer.rollout_phase import RolloutPhase
@@ -94,10 +94,13 @@ class Trainer:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         records = load_prompts(cfg.data.train_path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
-        for rec in records:
-            text = apply_chat_template(tokenizer, rec["prompt"], cfg.data.use_chat_template)
-            templated = text != rec["prompt"]
-            rec["token_ids"] = tokenizer.encode(text, add_special_tokens=not templated)
+        # a prompt too long for the model is refused (or cut, data.truncation) here, not at
+        # the first generation that samples it
+        fitted = tokenize_prompts(tokenizer, records, cfg, source=cfg.data.train_path)
+        for rec, ids in zip(records, fitted.token_ids):
+            rec["token_ids"] = ids
+        if fitted.message and self.reporting:
+            print(f"[megatron-cegppo] {fitted.message}", flush=True)
         self.prompts = records
         self.sampler = ShuffledSampler(len(records), seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
 
@@ -401,12 +404,26 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Model, optimizer, data order, step and every rank's random state, atomically."""
-        from megatron_cegppo.checkpoint.megatron_state import save_model_and_optimizer
-        from megatron_cegppo.checkpoint.rng import capture_rng_state
-
         if not self._all_finite(p for chunk in self.model for p in chunk.parameters()):
             raise NonFiniteError(f"the weights after step {step} are not finite: not saved (the last checkpoint, "
                                  f"step {self.last_saved_step}, is untouched)")
+        try:
+            self._write_checkpoint(step)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # torch.distributed.checkpoint raises BaseExceptions
+            from megatron_cegppo.checkpoint.store import CheckpointError, describe_write_failure
+
+            kept = (f"the last checkpoint (step {self.last_saved_step}) is untouched" if self.last_saved_step >= 0
+                    else "there is no earlier checkpoint")
+            raise CheckpointError(f"saving step {step} failed: {describe_write_failure(exc, self.store)}; "
+                                  f"{kept}") from exc
+        self.last_saved_step = step
+
+    def _write_checkpoint(self, step: int) -> None:
+        from megatron_cegppo.checkpoint.megatron_state import save_model_and_optimizer
+        from megatron_cegppo.checkpoint.rng import capture_rng_state
+
         staging = self.store.staging_dir(step)
         if self.reporting:
             self.store.clean_staging()
@@ -430,7 +447,6 @@ class Trainer:
         if self.reporting:
             self.store.commit(step, digests={name: digest for part in parts for name, digest in part.items()})
         self._barrier()
-        self.last_saved_step = step
 
     def _resume(self) -> None:
         """Continues from the run directory's latest complete checkpoint, if there is one."""
@@ -438,27 +454,33 @@ class Trainer:
         from megatron_cegppo.checkpoint.megatron_state import load_model_and_optimizer
         from megatron_cegppo.checkpoint.rng import restore_rng_state
 
-        box = [None, None]  # the checkpoint to resume from; why none of those there can be
+        explicit = self.cfg.trainer.resume_from
+        box = [None]  # the checkpoints to try, in order
         if self.reporting:
             self.store.clean_staging()
-            if self.cfg.trainer.resume_from:
-                latest = Path(self.cfg.trainer.resume_from)
-                self.store.verify(latest)  # an explicit choice: unusable is an error, no fallback
-            else:
-                latest = self.store.latest()
-                broken = self.store.unusable() if latest is None and not self.cfg.trainer.start_over else []
-                if broken:
-                    box[1] = "\n  ".join(f"{path.name}: {why}" for path, why in broken)
-            box[0] = str(latest) if latest else None
+            box = [[str(explicit)] if explicit else [str(p) for p in self.store.candidates()]]
         if dist.is_initialized() and self.layout.world > 1:
             dist.broadcast_object_list(box, src=0)
-        if box[1]:
+        chosen, unusable = None, []
+        for candidate in map(Path, box[0]):
+            verdict = self._verify_together(candidate)
+            if verdict is None:
+                chosen = candidate
+                break
+            if explicit:  # an explicit choice: unusable is an error, no fallback
+                raise CheckpointError(verdict)
+            if candidate.is_dir():  # not a dangling ``latest`` pointer
+                unusable.append(f"{candidate.name}: {verdict}")
+        if chosen is not None and chosen != Path(box[0][0]) and self.reporting:
+            print(f"[megatron-cegppo] warning: resuming from {chosen.name} instead", flush=True)
+        if chosen is None and unusable and not self.cfg.trainer.start_over:
+            broken = "\n  ".join(unusable)
             raise CheckpointError(f"{self.store.root}: no checkpoint can be resumed from, and starting again from "
-                                  f"model.path would drop them silently:\n  {box[1]}\nset trainer.start_over=true "
+                                  f"model.path would drop them silently:\n  {broken}\nset trainer.start_over=true "
                                   "to start again anyway")
-        if box[0] is None:
+        if chosen is None:
             return
-        path = Path(box[0])
+        path = chosen
         state = json.loads((path / "trainer_state.json").read_text())
         if state["model"] != dataclasses.asdict(self.arch):
             raise CheckpointError(f"{path} holds a different model: {state['model']} vs {dataclasses.asdict(self.arch)}")
@@ -472,6 +494,29 @@ class Trainer:
             restore_rng_state(torch.load(rng_file, weights_only=True))
         if self.reporting:
             print(f"[megatron-cegppo] resumed from {path} at step {self.start_step}", flush=True)
+
+    def _verify_together(self, path: Path) -> Optional[str]:
+        """Why checkpoint ``path`` cannot be resumed from (``None``: it verifies). Every rank
+        hashes its share of the files, rank 0 checks them against the manifest: a large
+        checkpoint is re-hashed at resume as fast as it was at save."""
+        from megatron_cegppo.checkpoint import CheckpointError
+
+        L = self.layout
+        mine = self.store.share_digests(path, L.rank, L.world)
+        parts = [mine]
+        if dist.is_initialized() and L.world > 1:
+            parts = [None] * L.world
+            dist.all_gather_object(parts, mine)
+        verdict = [None]
+        if self.reporting:
+            try:
+                self.store.check(path, digests={k: v for part in parts for k, v in part.items()})
+            except CheckpointError as exc:
+                verdict = [str(exc)]
+                print(f"[megatron-cegppo] warning: checkpoint unusable: {exc}", flush=True)
+        if dist.is_initialized() and L.world > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        return verdict[0]
 
     def request_stop(self, signum=None, _frame=None) -> None:
         """Signal handler: save and stop at the end of the current step; on SIGTERM (Slurm's
@@ -616,6 +661,8 @@ class Trainer:
                     saving = time.perf_counter()
                     self.save(step)
                     self.clock.record_save(time.perf_counter() - saving)
+                    # a stop signal during the save: the save finished, the run stops now
+                    stop = stop or (not last and self._stop_agreed())
                 if self.reporting:
                     save_timing(run_dir, self.clock)
                 if stop:

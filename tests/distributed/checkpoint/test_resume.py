@@ -223,3 +223,21 @@ def test_a_run_directory_whose_checkpoints_all_fail_verification_is_refused(setu
     assert "step_00000003" in str(info.value) and "does not match its sha256 digest" in str(info.value)
     started = run_distributed(worker, 2, run[:-1] + ["trainer.steps=1", "trainer.start_over=true"], timeout=300)
     assert started[0][0] == 0
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(setup):
+    """Same-size damage to the newest checkpoint (found by the ranks hashing their shares): the
+    run resumes from the one before, says so, and continues as the uninterrupted run did."""
+    import shutil
+
+    tmp, common, whole = setup
+    damaged = tmp / "damaged_latest"
+    shutil.copytree(tmp / "same_layout", damaged)
+    newest = sorted((damaged / "checkpoints").glob("step_*"))[-1]
+    assert newest.name == "step_00000003"
+    state = newest / "trainer_state.json"
+    text = state.read_text()
+    state.write_text(text.replace('"step": 3', '"step": 9'))  # same size
+    rest = run_distributed(worker, 2, common + [f"trainer.run_dir={damaged}", "trainer.steps=4"], timeout=300)
+    assert rest[0][0] == 2, "did not resume after step 1"
+    assert [_deterministic(m) for m in rest[0][1]] == [_deterministic(m) for m in whole[0][1][2:]]

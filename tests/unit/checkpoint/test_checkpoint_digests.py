@@ -202,3 +202,59 @@ def test_digest_file_streams_in_chunks(tmp_path):
     data = bytes(range(256)) * 1000 + b"tail"
     file.write_bytes(data)
     assert digest_file(file, chunk=4096) == digest_file(file) == hashlib.sha256(data).hexdigest()
+
+
+def test_shares_of_a_checkpoint_at_resume_cover_every_file_once_and_verify_it(tmp_path):
+    """At resume every rank hashes its share; together they are what verify needs, and a
+    damaged file in any share is named."""
+    store = CheckpointStore(tmp_path / "ckpt", keep=3)
+    stage(store, 1)
+    final = store.commit(1)
+    manifest = json.loads((final / MANIFEST).read_text())
+    shares = [CheckpointStore.share_digests(final, r, 3) for r in range(3)]
+    assert sum(len(s) for s in shares) == len(manifest["files"])
+    merged = {k: v for s in shares for k, v in s.items()}
+    assert merged == manifest["digests"]
+    store.check(final, digests=merged)
+    shard = final / "megatron" / "__2_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    merged = {k: v for r in range(3) for k, v in CheckpointStore.share_digests(final, r, 3).items()}
+    with pytest.raises(CheckpointError, match="__2_0.distcp content does not match"):
+        store.check(final, digests=merged)
+    assert CheckpointStore.share_digests(tmp_path / "missing", 0, 1) == {}
+
+
+def test_candidates_are_tried_latest_first_then_newest_first(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep=5)
+    for step in (1, 2, 3):
+        stage(store, step)
+        store.commit(step)
+    (store.root / "latest").write_text(step_dir_name(2) + "\n")
+    assert [p.name for p in store.candidates()] == [step_dir_name(s) for s in (2, 3, 1)]
+
+
+def test_a_failed_save_is_one_line_that_says_when_the_disk_is_full(tmp_path, monkeypatch):
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    from megatron_cegppo.checkpoint.store import describe_write_failure
+
+    store = CheckpointStore(tmp_path / "ckpt")
+    stage(store, 1)
+    store.commit(1)
+
+    class Gathered(BaseException):  # what torch.distributed.checkpoint raises: every rank's failure
+        def __init__(self, failures):
+            super().__init__("CheckpointException ranks:" + str(list(failures)))
+            self.failures = failures
+
+    wrapped = Gathered({1: (RuntimeError("Traceback (most recent call last):\n  ...\nRuntimeError: unexpected pos 704"),
+                            None)})
+    assert describe_write_failure(wrapped, store) == "rank 1: RuntimeError: unexpected pos 704"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda path: usage(14 << 20, (14 << 20) - 4096, 4096))
+    line = describe_write_failure(OSError(28, "No space left on device"), store)
+    assert line.startswith("OSError: [Errno 28] No space left on device; the file system of ")
+    assert "is full (0.0 MiB free" in line and "\n" not in line

@@ -35,7 +35,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("algoritm:\n  beta1: 1\n", None, "unknown key algoritm"),
     ("algorithm:\n  beta1: high\n", None, "algorithm.beta1: expected float"),
     ("parallel:\n  tensor: 2.5\n", None, "parallel.tensor: expected int"),
-    ("algorithm: 3\n", None, "algorithm.: expected a mapping"),
+    ("algorithm: 3\n", None, "algorithm: expected a mapping, got 3"),
     ("", "algorithm.beta1", "must look like section.key=value"),
     ("model: [\n", None, "not valid YAML"),
 ])
@@ -55,7 +55,7 @@ def valid(**overrides):
 
 
 @pytest.mark.parametrize("override,world,match", [
-    ({"algorithm.beta1": -0.1}, None, "beta1/beta2 must be >= 0"),
+    ({"algorithm.beta1": -0.1}, None, "algorithm.beta1 must be >= 0, got -0.1"),
     ({"algorithm.clip_ratio_c": 1.0}, None, "clip_ratio_c must be > 1"),
     ({"algorithm.loss": "reinforce"}, None, "algorithm.loss"),
     ({"algorithm.loss_agg_mode": "mean"}, None, "loss_agg_mode"),

@@ -188,3 +188,15 @@ def test_sampler_argument_errors():
         ShuffledSampler(3, seed=0).next_batch(-1)
     with pytest.raises(ValueError, match="missing"):
         ShuffledSampler(3, seed=0).load_state_dict({"seed": 0})
+
+
+# ---- DataError ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ['{"prompt": "a"\n', '{"answer": 1}\n', ""])
+def test_load_errors_are_data_errors(tmp_path, text):
+    from megatron_cegppo.data.prompts import DataError
+
+    with pytest.raises(DataError) as info:
+        load_prompts(_write(tmp_path / "bad.jsonl", text))
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)

@@ -110,6 +110,22 @@ def test_metrics_round_trip(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == read_metrics(tmp_path)
 
 
+def test_metrics_writer_touches_nothing_before_its_first_record(tmp_path):
+    """A run that fails before its first step leaves no empty metrics file or TensorBoard
+    events behind for a rerun to append to."""
+    run_dir = tmp_path / "run"
+    writer = MetricsWriter(run_dir)
+    writer.close()
+    assert not run_dir.exists()
+    writer = MetricsWriter(run_dir)
+    writer.log(0, {"loss": 1.0})
+    writer.close()
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1
+    assert list((run_dir / "tensorboard").iterdir())
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.log(1, {"loss": 1.0})
+
+
 def test_metrics_each_line_is_on_disk_before_close(tmp_path):
     w = MetricsWriter(tmp_path, tensorboard=False)
     w.log(0, {"loss": 1.0})
