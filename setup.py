@@ -1,6 +1,6 @@
 """megatron-cegppo: CE-GPPO reinforcement learning on Megatron-Core with vLLM generation."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 # The CPU stack (tests, CI, the README demo). Exact pins: these are the versions that are
 # known to install and work together on Python 3.11 (megatron-core 0.17+ needs Python 3.12).
@@ -37,7 +37,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_cegppo", "megatron_cegppo.*"]),
+    # Namespace-style search: a subpackage without an __init__.py (trainer/) is shipped too.
+    packages=find_namespace_packages(include=["megatron_cegppo", "megatron_cegppo.*"], exclude=["*.__pycache__"]),
+    # Files read at run time through importlib.resources (an installed wheel has no checkout).
+    package_data={"megatron_cegppo.templates": ["*.sbatch"], "megatron_cegppo.testing": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.20",

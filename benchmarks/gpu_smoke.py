@@ -42,12 +42,9 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-LOSSES = {  # the paper's CE-GPPO settings; the baselines with their usual ones
-    "cegppo": dict(eps_low=0.2, eps_high=0.2, beta1=0.5, beta2=1.0, clip_ratio_c=10.0),
-    "ppo": dict(eps_low=0.2, eps_high=0.2, clip_ratio_c=10.0),
-    "cispo": dict(eps_high=0.28),
-    "gspo": {},
-}
+# each loss with the run config's defaults (the paper's CE-GPPO settings), CISPO with its usual
+# upper clip instead
+LOSSES = {"cegppo": {}, "ppo": {}, "cispo": dict(eps_high=0.28), "gspo": {}}
 
 # Tiny model and rollouts for the training steps. Head dim 64 suits every attention backend;
 # the vocabulary is padded to 1024, so the padded-column exclusion is on the path.
@@ -192,28 +189,24 @@ def synthetic_rollouts(device, vocab: int, seed: int):
     rewards of groups of 4 responses (GRPO)."""
     import torch
 
+    from megatron_cegppo.algorithms.advantages import grpo_advantages
+    from megatron_cegppo.testing.synthetic_batch import random_rollout, rollout_microbatch
+
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(NUM_MICRO):
-        ids = torch.randint(0, vocab, (MICRO, SEQ + 1), generator=g)
-        mask = torch.zeros(MICRO, SEQ)
-        for b in range(MICRO):
-            start = int(torch.randint(4, SEQ // 2, (1,), generator=g))
-            end = int(torch.randint(start + 1, SEQ + 1, (1,), generator=g))
-            mask[b, start:end] = 1
+        ids, mask = random_rollout(g, rows=MICRO, seq=SEQ, vocab=vocab, start=(4, SEQ // 2))
         reward = torch.tensor([1.0, 0.0] * (MICRO // 2))[torch.randperm(MICRO, generator=g)]  # a mixed group
-        adv = (reward - reward.mean()) / (reward.std() + 1e-6)
-        batches.append(dict(
-            input_ids=ids[:, :-1], labels=ids[:, 1:], position_ids=torch.arange(SEQ).expand(MICRO, SEQ),
-            loss_mask=mask, advantages=adv[:, None].expand(MICRO, SEQ),
-        ))
-    return [{k: v.contiguous().to(device) for k, v in b.items()} for b in batches]
+        batches.append(rollout_microbatch(ids, mask, grpo_advantages(reward, MICRO)))
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def train_checks(device, report: Report) -> None:
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_cegppo.config.schema import AlgorithmConfig
+    from megatron_cegppo.losses import loss_kwargs
     from megatron_cegppo.parallel.pipeline_loss import (
         PolicyLossSpec, make_logprob_forward_step, make_policy_forward_step,
         minibatch_loss_normalizer, reduce_microbatch_metrics,
@@ -228,7 +221,8 @@ def train_checks(device, report: Report) -> None:
     schedule = get_forward_backward_func()
     shape = dict(model=ddp, num_microbatches=NUM_MICRO, seq_length=SEQ, micro_batch_size=MICRO)
     rows = []
-    for i, (name, kwargs) in enumerate(LOSSES.items()):
+    for i, (name, overrides) in enumerate(LOSSES.items()):
+        kwargs = {**loss_kwargs(name, AlgorithmConfig()), **overrides}
         impl = ("logits", "fused")[i % 2]  # both log-prob paths of the pipeline loss, in turn
         spec = PolicyLossSpec(loss=name, loss_kwargs=kwargs, vocab_size=arch.vocab_size, logprob_impl=impl)
         batches = synthetic_rollouts(device, arch.vocab_size, seed=i)

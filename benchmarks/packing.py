@@ -30,22 +30,7 @@ import time
 import numpy as np
 
 from megatron_cegppo.algorithms.packing import pack_microbatches, packing_stats
-
-
-def lognormal_lengths(rng, n=1024, cap=16384):
-    """Log-normal around a median of 1024 tokens; the longest of 1024 is ~16x the median."""
-    x = rng.lognormal(np.log(1024), 0.87, n)
-    return np.clip(np.rint(x), 1, cap).astype(np.int64)
-
-
-def bimodal_lengths(rng, n=1024, cap=16384):
-    """20% truncated at exactly ``cap`` tokens, the rest log-normal around 2048."""
-    x = np.clip(np.rint(rng.lognormal(np.log(2048), 0.6, n)), 1, cap - 1).astype(np.int64)
-    x[rng.random(n) < 0.2] = cap
-    return x
-
-
-DISTRIBUTIONS = {"lognormal": lognormal_lengths, "bimodal": bimodal_lengths}
+from megatron_cegppo.testing.lengths import DISTRIBUTIONS
 
 
 def global_ffd_then_lpt(lengths, max_tokens, dp_size):

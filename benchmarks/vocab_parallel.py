@@ -102,7 +102,7 @@ def _setup(rank: int, world: int, port: int, threads: int):
         rank=rank,
         world_size=world,
     )
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
     from megatron.core import parallel_state

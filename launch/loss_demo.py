@@ -34,20 +34,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def synthetic_rollouts(n_micro, micro, generator):
-    """Prompt + sampled response token ids, GRPO-style advantages (groups of 4)."""
-    seq = PROMPT + RESPONSE
+    """Prompt + sampled response token ids (responses of 4 to RESPONSE tokens after the
+    prompt), GRPO advantages of random 0/1 rewards (groups of 4)."""
+    from megatron_cegppo.algorithms.advantages import grpo_advantages
+    from megatron_cegppo.testing.synthetic_batch import random_rollout, rollout_microbatch
+
     out = []
     for _ in range(n_micro):
-        ids = torch.randint(0, VOCAB, (micro, seq + 1), generator=generator)
-        mask = torch.zeros(micro, seq)
-        for b in range(micro):
-            mask[b, PROMPT - 1: PROMPT - 1 + int(torch.randint(4, RESPONSE + 1, (1,), generator=generator))] = 1
+        ids, mask = random_rollout(generator, rows=micro, seq=PROMPT + RESPONSE, vocab=VOCAB, start=PROMPT - 1,
+                                   min_response=4, max_end=PROMPT - 1 + RESPONSE)
         reward = torch.randint(0, 2, (micro,), generator=generator).float()
-        group = reward.view(-1, 4)
-        adv = ((group - group.mean(1, keepdim=True)) / (group.std(1, keepdim=True) + 1e-6)).view(-1)
-        out.append(dict(input_ids=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous(),
-                        position_ids=torch.arange(seq).expand(micro, seq).contiguous(),
-                        loss_mask=mask, advantages=adv[:, None].expand(micro, seq).contiguous()))
+        out.append(rollout_microbatch(ids, mask, grpo_advantages(reward, 4)))
     return out
 
 
@@ -59,6 +56,8 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_cegppo.config.schema import AlgorithmConfig
+    from megatron_cegppo.losses import loss_kwargs
     from megatron_cegppo.models import build_gpt_model_chunks
     from megatron_cegppo.parallel.pipeline_loss import (
         PolicyLossSpec, make_logprob_forward_step, make_policy_forward_step,
@@ -78,8 +77,9 @@ def main() -> None:
     schedule = get_forward_backward_func()
     reporter = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
 
-    spec = PolicyLossSpec(loss="cegppo", loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta1=0.5, beta2=1.0,
-                          clip_ratio_c=10.0), vocab_size=VOCAB, logprob_impl=args.logprob_impl)
+    # the run config's defaults: the paper's CE-GPPO settings
+    spec = PolicyLossSpec(loss="cegppo", loss_kwargs=loss_kwargs("cegppo", AlgorithmConfig()), vocab_size=VOCAB,
+                          logprob_impl=args.logprob_impl)
     n_micro = args.minibatches * args.microbatches
     # built on the CPU (the same on every rank), then placed where the model is
     data = platform.place(synthetic_rollouts(n_micro, args.micro_batch_size, torch.Generator().manual_seed(args.seed)))

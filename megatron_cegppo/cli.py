@@ -142,7 +142,7 @@ def _checked_config(args):
     except ConfigError as exc:
         raise _refusal(wrong, exc.problems) from None
     _apply_arguments(cfg, args)
-    found = problems(cfg, None if wrong else _world_size(cfg, args))
+    found = problems(cfg, None if wrong else _world_size(cfg, args), train_data=args.command != "eval")
     if args.command == "validate" and not found and not wrong:
         found += _shape_problems(cfg, args.world_size)  # it divides by settings checked above
     files = _file_problems(cfg, args, wrong) if args.command in ("validate", "train", "submit", "eval") else []
@@ -232,10 +232,8 @@ def _apply_arguments(cfg, args) -> None:
         gpus = getattr(args, "gpus_per_node", None)
         if gpus is not None and gpus >= 0:
             cfg.cluster.gpus_per_node = gpus
-    if args.command == "eval":
-        if args.model:
-            cfg.model.path = args.model
-        cfg.data.train_path = args.data  # the prompts eval reads (the training file is not needed)
+    if args.command == "eval" and args.model:
+        cfg.model.path = args.model
 
 
 def _world_size(cfg, args) -> Optional[int]:
@@ -251,10 +249,14 @@ def _world_size(cfg, args) -> Optional[int]:
 
 def _file_problems(cfg, args, wrong: list) -> list:
     """The problems of the files the config names (prompts, model folder, run directory)."""
-    from megatron_cegppo.config.preflight import file_problems
+    if args.command != "eval":
+        from megatron_cegppo.preflight import file_problems
 
-    found = file_problems(cfg)
-    if args.command == "eval" and args.data and any(p.startswith("--data ") for p in wrong):
+        return file_problems(cfg)
+    from megatron_cegppo.evaluate import input_problems
+
+    found = input_problems(cfg, args.data)
+    if args.data and any(p.startswith("--data ") for p in wrong):
         found = [p for p in found if args.data not in p]  # the same file, named once as --data
     return found
 

@@ -3,12 +3,24 @@ with the config's reward (math-verify for math data), averaged."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
 
 from megatron_cegppo.config import Config
 
 
+def input_problems(cfg: Config, data_path: str) -> list[str]:
+    """Every problem of the files eval reads, found before anything heavy is imported: its
+    prompt file ``data_path`` (checked as a training file is), the model folder, the reward.
+    The config's training file and run directory are not eval's: neither is checked."""
+    from megatron_cegppo.preflight import model_folder_problems, prompt_file_problems, reward_problems
+
+    # the prompt checks read the path and the keys from a DataConfig: a copy names the eval file
+    prompts = prompt_file_problems(replace(cfg.data, train_path=data_path))
+    return prompts + model_folder_problems(cfg.model.path) + reward_problems(cfg.reward.name)
+
+
 def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
+    import numpy as np
     from transformers import AutoTokenizer
 
     from megatron_cegppo.data.prompts import load_prompts, tokenize_prompts
@@ -33,4 +45,5 @@ def evaluate(cfg: Config, data_path: str, *, k: int = 8) -> dict:
     answers = [records[c.prompt_index]["answer"] for c in completions]
     rewards = compute_rewards(cfg.reward.name, [c.text for c in completions], answers)
     return {"accuracy": float(np.mean(rewards)), "prompts": len(records), "k": k,
-            "truncated_prompts": fitted.truncated, "responses": [c.text for c in completions], "rewards": rewards}
+            "truncated_prompts": fitted.truncated, "responses": [c.text for c in completions], "rewards": rewards,
+            "prompt_index": [c.prompt_index for c in completions]}

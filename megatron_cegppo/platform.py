@@ -32,7 +32,9 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_cegppo.config.schema import DEVICE_SETTINGS
+from megatron_cegppo.config.schema import DEVICE_SETTINGS, Config
+from megatron_cegppo.lifeline import exit_with_launcher
+
 LAYER_IMPLS = ("transformer_engine", "local")
 
 # The driver branch each CUDA major version needs (NVIDIA's CUDA toolkit release notes,
@@ -40,6 +42,8 @@ LAYER_IMPLS = ("transformer_engine", "local")
 _MIN_DRIVER = {11: "450.80", 12: "525.60", 13: "580.65"}
 
 
+
+SOLO_MASTER_PORT_BASE, SOLO_MASTER_PORT_SPREAD = 29500, 1000  # see init_distributed
 class PlatformError(RuntimeError):
     """The machine cannot run what was asked (e.g. ``device=cuda`` without a usable GPU)."""
 
@@ -270,10 +274,10 @@ def init_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Pl
         if platform.is_cuda:
             torch.cuda.set_device(platform.device)
         else:
-            from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+            from megatron_cegppo.cpu_compat import apply_cpu_compat
 
             apply_cpu_compat()
-        from megatron_cegppo.parallel.cpu_compat import allow_sequence_parallel_torch_norm
+        from megatron_cegppo.cpu_compat import allow_sequence_parallel_torch_norm
 
         if platform.layer_impl == "local":
             allow_sequence_parallel_torch_norm()
@@ -305,3 +309,75 @@ def init_process_group(platform: Platform, timeout_minutes: float = 30.0) -> Non
         return
     kwargs = {"device_id": platform.device} if platform.is_cuda else {}
     dist.init_process_group(platform.backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
+
+
+# -- the process groups ---------------------------------------------------------------------
+# Here rather than in trainer/: the export (checkpoint/) and the trainer both set them up,
+# and checkpoint/ is beneath trainer/.
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_group: object
+    is_last_stage: bool
+    rollout_tp: int
+    platform: Platform
+
+    @property
+    def device(self) -> torch.device:
+        return self.platform.device
+
+    @property
+    def rollout_group(self) -> int:
+        """Index of this rank's vLLM engine group (ranks rollout_tp * g ... share one engine)."""
+        return self.rank // self.rollout_tp
+
+    @property
+    def rollout_groups(self) -> int:
+        return self.world // self.rollout_tp
+
+    @property
+    def rollout_leader(self) -> bool:
+        return self.rank % self.rollout_tp == 0
+
+
+def init_distributed(cfg: Config) -> Layout:
+    """Starts the default process group from torchrun's environment (a single process without
+    one) and megatron's tensor/pipeline/data-parallel groups."""
+    exit_with_launcher()  # a rank (and its children) must not outlive torchrun
+    platform = init_platform(cfg.trainer.device)  # before megatron is imported
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # a process started without torchrun has no rendezvous port: torch's default (29500), moved
+    # by the pid so that several such processes on one host do not take the same port
+    os.environ.setdefault("MASTER_PORT", str(SOLO_MASTER_PORT_BASE + os.getpid() % SOLO_MASTER_PORT_SPREAD))
+    init_process_group(platform)
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+    )
+    return Layout(
+        world=dist.get_world_size(), rank=dist.get_rank(), tp=p.tensor, pp=p.pipeline,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        is_last_stage=parallel_state.is_pipeline_last_stage(),
+        rollout_tp=cfg.rollout.tensor_parallel,
+        platform=platform,
+    )

@@ -1,4 +1,7 @@
-"""``megatron-cegppo submit``: renders ``slurm/cegppo.sbatch`` for a config and submits it.
+"""``megatron-cegppo submit``: renders the batch template for a config and submits it.
+
+The template ships inside the package (``megatron_cegppo/templates/cegppo.sbatch``), since an
+installed wheel has no checkout around it; ``slurm/cegppo.sbatch`` is the same file, to read.
 
 Also the per-node launcher that the batch script's ``srun`` starts on every node
 (``python -m megatron_cegppo.slurm node ...``): it reads the node's rank from Slurm's
@@ -16,10 +19,11 @@ import shlex
 import socket
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "cegppo.sbatch"
+TEMPLATE = resources.files("megatron_cegppo") / "templates" / "cegppo.sbatch"
 DEFAULT_SIGNAL_SECONDS = 300
 
 
@@ -41,7 +45,7 @@ def render_sbatch(
         "PROCS_PER_NODE": str(procs_per_node or max(1, gpus_per_node)),
         "PARTITION_LINE": f"#SBATCH --partition={partition}" if partition else "",
     }
-    text = TEMPLATE.read_text()
+    text = TEMPLATE.read_text(encoding="utf-8")
     for key, value in fields.items():
         text = text.replace(f"@@{key}@@", value)
     if "@@" in text.replace("USR1@", ""):

@@ -1,5 +1,4 @@
-"""Group-relative advantages (GRPO / Dr. GRPO) and the per-token KL estimators for an
-optional reference-model penalty."""
+"""Group-relative advantages (GRPO / Dr. GRPO) and the test for groups without signal."""
 
 from __future__ import annotations
 
@@ -27,8 +26,11 @@ def reshape_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_all_equal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Bool [G]: True where every reward in the group is the same (no learning signal)."""
-    r = reshape_groups(rewards, group_size)
-    return (r == r[:, :1]).all(dim=1)
+    return _rows_all_equal(reshape_groups(rewards, group_size))
+
+
+def _rows_all_equal(groups: torch.Tensor) -> torch.Tensor:
+    return (groups == groups[:, :1]).all(dim=1)
 
 
 def grpo_advantages(
@@ -42,24 +44,5 @@ def grpo_advantages(
     adv = r - r.mean(dim=1, keepdim=True)
     if normalize_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps) if group_size > 1 else adv
-    equal = (r == r[:, :1]).all(dim=1, keepdim=True)
+    equal = _rows_all_equal(r)[:, None]
     return torch.where(equal, torch.zeros_like(adv), adv).reshape(-1)
-
-
-KL_KINDS = ("k1", "k2", "k3")
-
-
-def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled-token log-probs:
-    k1 = lp - ref, k2 = (lp - ref)^2 / 2, k3 = exp(ref - lp) - (ref - lp) - 1
-    (k3 is non-negative and unbiased; written with expm1 so small ratios keep precision)."""
-    if log_prob.shape != ref_log_prob.shape:
-        raise ValueError(f"log_prob {tuple(log_prob.shape)} and ref_log_prob {tuple(ref_log_prob.shape)} differ")
-    if kind == "k1":
-        return log_prob - ref_log_prob
-    if kind == "k2":
-        return 0.5 * (log_prob - ref_log_prob).square()
-    if kind == "k3":
-        d = ref_log_prob - log_prob
-        return torch.expm1(d) - d
-    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")

@@ -8,6 +8,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_cegppo.config.schema import AlgorithmConfig
+
 from .advantages import group_all_equal, reshape_groups
 
 
@@ -45,7 +47,7 @@ class DynamicSampler:
 
     def __init__(
         self, generate: Generate, *, target_groups: int, group_size: int,
-        max_rounds: int = 10, groups_per_round: Optional[int] = None,
+        max_rounds: int = AlgorithmConfig().max_sampling_rounds, groups_per_round: Optional[int] = None,
     ) -> None:
         for name, v in (("target_groups", target_groups), ("group_size", group_size), ("max_rounds", max_rounds)):
             if not isinstance(v, int) or v < 1:

@@ -213,7 +213,7 @@ def export_checkpoint(cfg: Config, checkpoint: Path | None, out: Path, *,
     from megatron_cegppo.checkpoint.store import CheckpointError, CheckpointStore
     from megatron_cegppo.models import build_gpt_from_hf, read_hf_config
     from megatron_cegppo.models import hf_io
-    from megatron_cegppo.trainer.distributed import init_distributed
+    from megatron_cegppo.platform import init_distributed
 
     shard_bytes = parse_shard_size(shard_size)
     check_export_target(out, force=force)

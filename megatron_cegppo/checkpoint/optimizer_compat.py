@@ -5,12 +5,9 @@ fails without them (resumed losses and weights drift from the uninterrupted run)
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-_lock = threading.Lock()
-_patched = False
+from megatron_cegppo.patching import patch_once
 
 
 def uses_torch_adam() -> bool:
@@ -60,10 +57,8 @@ def patch_set_main_param_and_optimizer_states() -> None:
     the loaded tensors, ``step`` included, which torch Adam keeps per parameter but the
     checkpoint does not hold per parameter: ``KeyError: 'step'``. Keys the checkpoint lacks
     are left alone (``step`` is restored from the param groups)."""
-    global _patched
-    with _lock:
-        if _patched:
-            return
+
+    def patch() -> None:
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
         upstream = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -79,4 +74,5 @@ def patch_set_main_param_and_optimizer_states() -> None:
                     dst[key].copy_(tensor)
 
         DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-        _patched = True
+
+    patch_once("megatron.distrib_optimizer.set_main_param_and_optimizer_states", patch)

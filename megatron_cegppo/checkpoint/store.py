@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from megatron_cegppo.tracking.run_dir import atomic_write_text, fsync_dir
+from megatron_cegppo.fsutil import atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: sizes only

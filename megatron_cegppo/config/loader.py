@@ -9,23 +9,12 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
+from megatron_cegppo.config.errors import ConfigError
 from megatron_cegppo.config.schema import Config
 
 _OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
-
-
-class ConfigError(ValueError):
-    """A config problem, with the dotted key it concerns. ``problems``: each one, one line."""
-
-    def __init__(self, message: str, problems: Optional[Sequence[str]] = None):
-        super().__init__(message)
-        self.problems = list(problems) if problems is not None else [message]
-
-    @classmethod
-    def of(cls, problems: Sequence[str], header: str = "invalid config") -> "ConfigError":
-        return cls(f"{header}:\n  - " + "\n  - ".join(problems), problems)
 
 
 def _type_name(annotation: Any) -> str:

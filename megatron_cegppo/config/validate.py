@@ -10,11 +10,9 @@ import math
 from dataclasses import fields
 from typing import Any, Callable, NamedTuple, Optional
 
-from megatron_cegppo.config.loader import ConfigError
+from megatron_cegppo.config.errors import ConfigError
 from megatron_cegppo.config.schema import DEVICE_SETTINGS, RECOMPUTE_MODES, TRUNCATION_MODES, Config
-
-_LOSSES = ("cegppo", "ppo", "cispo", "gspo")
-_AGG = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from megatron_cegppo.losses.names import LOGPROB_IMPLS, LOSS_AGG_MODES, LOSS_NAMES  # torch-free
 _SEED_LIMIT = 2**32  # the trainer seeds numpy's global generator, which takes 32 bits
 
 
@@ -74,7 +72,7 @@ FRACTION = within(0, 1, closed_low=True, closed_high=False)
 # checked apart (their message says what they are)
 RULES: dict[str, Rule] = {
     "model.dtype": one_of(("float32", "bfloat16")),
-    "model.logprob_impl": one_of(("fused", "logits")),
+    "model.logprob_impl": one_of(LOGPROB_IMPLS),
     "parallel.tensor": at_least(1),
     "parallel.pipeline": at_least(1),
     "parallel.virtual_pipeline": optional(at_least(2)),
@@ -94,13 +92,13 @@ RULES: dict[str, Rule] = {
     "data.max_prompt_tokens": optional(at_least(1)),
     "data.truncation": one_of(TRUNCATION_MODES),
     "reward.name": NON_EMPTY,
-    "algorithm.loss": one_of(_LOSSES),
+    "algorithm.loss": one_of(LOSS_NAMES),
     "algorithm.eps_low": FRACTION,
     "algorithm.eps_high": no_less(0),
     "algorithm.beta1": no_less(0),
     "algorithm.beta2": no_less(0),
     "algorithm.clip_ratio_c": above(1),
-    "algorithm.loss_agg_mode": one_of(_AGG),
+    "algorithm.loss_agg_mode": one_of(LOSS_AGG_MODES),
     "algorithm.max_sampling_rounds": at_least(1),
     "algorithm.prompts_per_step": at_least(1),
     "algorithm.minibatches": at_least(1),
@@ -157,12 +155,12 @@ def _settings(cfg: Config):
             yield f"{section.name}.{f.name}", getattr(values, f.name)
 
 
-def problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+def problems(cfg: Config, world_size: Optional[int] = None, *, train_data: bool = True) -> list[str]:
     """Every problem found (empty: valid)."""
     out = []
     if not cfg.model.path:
         out.append("model.path: the HF folder of the starting weights is required")
-    if not cfg.data.train_path:
+    if train_data and not cfg.data.train_path:  # eval reads its own prompt file instead
         out.append("data.train_path: a JSONL or parquet file of prompts is required")
     bad = set()
     for key, value in _settings(cfg):

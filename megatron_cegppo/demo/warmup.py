@@ -18,37 +18,26 @@ import copy
 import json
 import os
 import random
-import re
 import sys
 import time
 from typing import Optional, Sequence
 
 import torch
 
+from megatron_cegppo.rewards.synthetic import arithmetic_problem, arithmetic_reward
+
 from .tokenizer import BOXED, load_task_tokenizer, train_task_tokenizer
 
 __all__ = ["tiny_qwen2_config", "sampled_accuracy", "warmup", "main"]
 
-_BOXED_RE = re.compile(re.escape(BOXED) + r"([^}]*)\}")
-
 
 # ---------------------------------------------------------------------------------------
-# Task. TODO: switch to megatron_cegppo.rewards.synthetic (make_arithmetic_dataset,
-# arithmetic_reward) once it lands; these private copies keep the same prompt/answer
-# format ("37+45=" -> "82") and the same reward (exact match of the first \boxed{...}).
+# Task: the RL demo's (rewards.synthetic), so the warm-up measures the reward RL optimises
 # ---------------------------------------------------------------------------------------
 def _all_pairs(digits: int) -> list[tuple[int, int]]:
+    """Every pair of ``digits``-digit operands: the held-out split is drawn from all of them."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     return [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
-
-
-def _example(a: int, b: int) -> dict:
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
-
-
-def _reward(response: str, answer: str) -> float:
-    m = _BOXED_RE.search(response)
-    return float(m is not None and m.group(1).strip() == answer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,7 +137,7 @@ def sampled_accuracy(model, tokenizer, examples: list[dict], *, seed: int = 0,
                      temperature: float = 1.0) -> float:
     responses = sample_responses(model, tokenizer, [e["prompt"] for e in examples],
                                  temperature=temperature, seed=seed)
-    return sum(_reward(r, e["answer"]) for r, e in zip(responses, examples)) / len(examples)
+    return sum(arithmetic_reward(r, e["answer"]) for r, e in zip(responses, examples)) / len(examples)
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,8 +164,8 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
     # evaluations differ only through the weights.
     pairs = _all_pairs(digits)
     rng.shuffle(pairs)
-    eval_set = [_example(a, b) for a, b in pairs[:eval_size]]
-    train_set = [_example(a, b) for a, b in pairs[eval_size:]]
+    eval_set = [arithmetic_problem(a, b) for a, b in pairs[:eval_size]]
+    train_set = [arithmetic_problem(a, b) for a, b in pairs[eval_size:]]
     seqs, prompt_lens = _encode_examples(tok, train_set)
     eval_seed = seed + 1
 

@@ -19,25 +19,9 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["LOSS_AGG_MODES", "loss_normalizer", "aggregate_loss", "masked_loss_sum"]
+from .validation import as_bool_mask, check_loss_agg_mode, check_normalizer
 
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(
-            f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}"
-        )
-
-
-def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
+__all__ = ["loss_normalizer", "aggregate_loss", "masked_loss_sum"]
 
 
 def loss_normalizer(
@@ -53,10 +37,10 @@ def loss_normalizer(
     yields a loss of 0 rather than nan.  Use ``clamp=False`` to get raw counts that can be
     summed across micro-batches or all-reduced across ranks (clamp after reducing).
     """
-    _check_mode(mode)
+    check_loss_agg_mode(mode)
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D [batch, response_len], got shape {tuple(mask.shape)}")
-    m = _bool_mask(mask)
+    m = as_bool_mask(mask)
     if mode == "token-mean":
         n = m.sum().to(dtype)
     elif mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
@@ -78,8 +62,8 @@ def masked_loss_sum(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> to
     Masked-out entries are replaced with ``torch.where`` (not multiplied by 0), so nan/inf
     there never reaches the result or the gradient.
     """
-    _check_mode(mode)
-    m = _bool_mask(mask)
+    check_loss_agg_mode(mode)
+    m = as_bool_mask(mask)
     masked = torch.where(m, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
     if mode == "seq-mean-token-mean":
         seq_len = m.sum(dim=-1).clamp(min=1).to(loss_mat.dtype)
@@ -112,9 +96,7 @@ def aggregate_loss(
     a loss of exactly 0 with a valid graph).  The result has dtype
     ``promote(loss_mat.dtype, float32)``.
     """
-    _check_mode(mode)
-    from .validation import check_normalizer  # local import: validation imports this module
-
+    check_loss_agg_mode(mode)
     check_normalizer(normalizer, read_tensor=False)
     if loss_mat.shape != mask.shape:
         raise ValueError(

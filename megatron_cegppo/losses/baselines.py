@@ -8,20 +8,23 @@
 All of them: ``fn(log_prob, old_log_prob, advantages, response_mask, *, ...,
 loss_agg_mode, normalizer, entropy, hp_threshold, check_finite) -> (loss, metrics)``.
 Branches are selected with ``torch.where`` and ratios that feed a loss value are computed
-from a log-ratio clamped to ``+-LOG_RATIO_CLAMP`` (see :mod:`.cegppo` for why), while the
+from a log-ratio clamped to ``+-LOG_RATIO_CLAMP`` (see :mod:`.clipping` for why), while the
 clip decisions use the exact ratio.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import torch
 
-from .cegppo import LOG_RATIO_CLAMP
-from .driver import compute_policy_loss
+from .clipping import clip_masks, clipped_surrogate, dual_clip, ratios, unit_with_grad
+from .driver import LossOptions, compute_policy_loss
 from .statistics import masked_max
 from .validation import check_clip_ratio_c, check_eps
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "ppo_clip_loss",
@@ -34,10 +37,6 @@ __all__ = [
 
 Number = Union[int, float]
 Result = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
-
-
-def _clamped_exp(log_ratio: torch.Tensor) -> torch.Tensor:
-    return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 # --------------------------------------------------------------------------------------
@@ -63,22 +62,10 @@ def ppo_clip_token_loss(
     """
     adv = advantages.detach()
     log_ratio = log_prob - old_log_prob.detach()
-    ratio_exact = torch.exp(log_ratio.detach())
-    ratio = _clamped_exp(log_ratio)
-
-    clipped_low = (adv < 0) & (ratio_exact < 1.0 - eps_low)
-    clipped_high = (adv > 0) & (ratio_exact > 1.0 + eps_high)
-    loss = torch.where(
-        clipped_low,
-        -adv * (1.0 - eps_low),
-        torch.where(clipped_high, -adv * (1.0 + eps_high), -adv * ratio),
-    )
-    if clip_ratio_c is not None:
-        bound = -adv * clip_ratio_c
-        dual_clipped = (adv < 0) & (loss.detach() > bound)
-        loss = torch.where(dual_clipped, bound, loss)
-    else:
-        dual_clipped = None
+    ratio_exact, ratio = ratios(log_ratio)
+    clipped_low, clipped_high = clip_masks(ratio_exact, eps_low, eps_high, adv)
+    loss = clipped_surrogate(adv, ratio, clipped_low, clipped_high, eps_low, eps_high)
+    loss, dual_clipped = dual_clip(loss, adv, clip_ratio_c)
     return loss, {
         "clipped_low": clipped_low,
         "clipped_high": clipped_high,
@@ -96,11 +83,7 @@ def ppo_clip_loss(
     eps_low: Number = 0.2,
     eps_high: Number = 0.2,
     clip_ratio_c: Optional[Number] = None,
-    loss_agg_mode: str = "token-mean",
-    normalizer: Optional[Union[Number, torch.Tensor]] = None,
-    entropy: Optional[torch.Tensor] = None,
-    hp_threshold: Number = 0.5,
-    check_finite: bool = True,
+    **options: Unpack[LossOptions],
 ) -> Result:
     """PPO-clip / GRPO policy loss with optional dual clip and asymmetric clip range.
 
@@ -127,9 +110,7 @@ def ppo_clip_loss(
         lambda lp, old, adv, mask: ppo_clip_token_loss(
             lp, old, adv, eps_low=float(eps_low), eps_high=float(eps_high), clip_ratio_c=c
         ),
-        log_prob, old_log_prob, advantages, response_mask,
-        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
-        hp_threshold=hp_threshold, check_finite=check_finite,
+        log_prob, old_log_prob, advantages, response_mask, **options,
     )
     return loss, metrics
 
@@ -151,15 +132,10 @@ def cispo_token_loss(
     adv = advantages.detach()
     log_ratio = (log_prob - old_log_prob.detach()).detach()
     ratio_exact = torch.exp(log_ratio)
-    upper = 1.0 + eps_high
-    weight = ratio_exact.clamp(max=upper)
-    clipped_high = ratio_exact > upper
+    weight = ratio_exact.clamp(max=1.0 + eps_high)
     if eps_low is not None:
-        lower = 1.0 - eps_low
-        weight = weight.clamp(min=lower)
-        clipped_low = ratio_exact < lower
-    else:
-        clipped_low = torch.zeros_like(clipped_high)
+        weight = weight.clamp(min=1.0 - eps_low)
+    clipped_low, clipped_high = clip_masks(ratio_exact, eps_low, eps_high)
     loss = -weight * adv * log_prob
     return loss, {
         "clipped_low": clipped_low,
@@ -177,11 +153,7 @@ def cispo_loss(
     *,
     eps_low: Optional[Number] = None,
     eps_high: Number = 0.28,
-    loss_agg_mode: str = "token-mean",
-    normalizer: Optional[Union[Number, torch.Tensor]] = None,
-    entropy: Optional[torch.Tensor] = None,
-    hp_threshold: Number = 0.5,
-    check_finite: bool = True,
+    **options: Unpack[LossOptions],
 ) -> Result:
     """CISPO policy loss (MiniMax-M1, arXiv 2506.13585).
 
@@ -201,9 +173,7 @@ def cispo_loss(
     low = None if eps_low is None else float(eps_low)
     loss, metrics, _, _ = compute_policy_loss(
         lambda lp, old, adv, mask: cispo_token_loss(lp, old, adv, eps_low=low, eps_high=float(eps_high)),
-        log_prob, old_log_prob, advantages, response_mask,
-        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
-        hp_threshold=hp_threshold, check_finite=check_finite,
+        log_prob, old_log_prob, advantages, response_mask, **options,
     )
     return loss, metrics
 
@@ -235,17 +205,10 @@ def gspo_token_loss(
     seq_log_ratio = torch.where(mask, log_ratio, zero).sum(dim=-1) / n_valid.clamp(min=1).to(
         log_ratio.dtype
     )
-    seq_ratio_exact = torch.exp(seq_log_ratio).unsqueeze(-1)
-    seq_ratio = _clamped_exp(seq_log_ratio).unsqueeze(-1)
-    s_tok = seq_ratio * torch.exp(log_prob - log_prob.detach())
-
-    clipped_low = (adv < 0) & (seq_ratio_exact < 1.0 - eps_low)
-    clipped_high = (adv > 0) & (seq_ratio_exact > 1.0 + eps_high)
-    loss = torch.where(
-        clipped_low,
-        -adv * (1.0 - eps_low),
-        torch.where(clipped_high, -adv * (1.0 + eps_high), -adv * s_tok),
-    )
+    seq_ratio_exact, seq_ratio = (r.unsqueeze(-1) for r in ratios(seq_log_ratio))
+    s_tok = seq_ratio * unit_with_grad(log_prob)
+    clipped_low, clipped_high = clip_masks(seq_ratio_exact, eps_low, eps_high, adv)
+    loss = clipped_surrogate(adv, s_tok, clipped_low, clipped_high, eps_low, eps_high)
     return loss, {
         "clipped_low": clipped_low,
         "clipped_high": clipped_high,
@@ -263,11 +226,7 @@ def gspo_loss(
     *,
     eps_low: Number = 3e-4,
     eps_high: Number = 4e-4,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    normalizer: Optional[Union[Number, torch.Tensor]] = None,
-    entropy: Optional[torch.Tensor] = None,
-    hp_threshold: Number = 0.5,
-    check_finite: bool = True,
+    **options: Unpack[LossOptions],
 ) -> Result:
     """GSPO policy loss (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071).
 
@@ -282,16 +241,18 @@ def gspo_loss(
     Metrics: ``clipfrac*`` are fractions of valid tokens in clipped (sequence, token)
     positions; ``seq_ratio_mean`` / ``seq_ratio_max`` summarise ``s_i`` over valid
     sequences; ``ratio_*`` and the KL estimates are token-level.
+
+    Other arguments are as in :func:`cegppo_loss`, except that ``loss_agg_mode`` defaults
+    to ``"seq-mean-token-mean"``.
     """
     check_eps("eps_low", eps_low, upper_one=True)
     check_eps("eps_high", eps_high, upper_one=False)
+    options.setdefault("loss_agg_mode", "seq-mean-token-mean")  # GSPO's sequence-level average
     loss, metrics, br, _ = compute_policy_loss(
         lambda lp, old, adv, mask: gspo_token_loss(
             lp, old, adv, mask, eps_low=float(eps_low), eps_high=float(eps_high)
         ),
-        log_prob, old_log_prob, advantages, response_mask,
-        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
-        hp_threshold=hp_threshold, check_finite=check_finite,
+        log_prob, old_log_prob, advantages, response_mask, **options,
     )
     seq_valid = br["seq_valid"]
     seq_ratio = torch.exp(br["seq_log_ratio"].to(torch.float32))

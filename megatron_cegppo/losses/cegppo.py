@@ -6,40 +6,20 @@ Policy Optimization in Reinforcement Learning", arXiv 2509.20712 (2025).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Tuple, Union
 
 import torch
 
-from .driver import compute_policy_loss
+from .clipping import LOG_RATIO_CLAMP, clip_masks, dual_clip, ratios, unit_with_grad
+from .driver import LossOptions, compute_policy_loss
 from .validation import check_clip_ratio_c, check_eps, check_nonneg
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["cegppo_loss", "cegppo_token_loss", "LOG_RATIO_CLAMP"]
 
-# Bound on the log-ratio that feeds ``r = exp(log_ratio)`` in the unclipped branch.
-#
-# The branches are selected with ``torch.where``.  Its backward passes a zero gradient to
-# the branch that was not selected, and autograd then multiplies that zero by the
-# branch's local derivative.  For ``-r * A`` that derivative is ``r``; if ``exp``
-# overflowed (``log_ratio`` above ~88 in fp32) this is ``0 * inf = nan`` and the nan
-# poisons the whole gradient, even though the token's loss came from another branch.
-# Clamping keeps ``r`` finite.  It only changes tokens beyond +-20: with a negative
-# advantage they sit far above any sane dual-clip bound (e^20 ~ 4.9e8), so their loss is
-# the dual-clip constant anyway; with a positive advantage they are high-clipped; and on
-# the low side r <= e^-20 ~ 2e-9, so the loss and gradient lost are negligible.
-# Branch decisions (which token is clipped) use the exact, unclamped ratio.
-LOG_RATIO_CLAMP = 20.0
-
 Number = Union[int, float]
-
-
-def _unit_with_grad(log_ratio: torch.Tensor) -> torch.Tensor:
-    """``r / sg(r)`` computed as ``exp(log_ratio - sg(log_ratio))``.
-
-    Its value is exactly 1 and its gradient is ``d log_ratio``, i.e. the gradient of
-    ``log_prob``.  Dividing ``r`` by ``r.detach()`` instead would give ``inf / inf = nan``
-    when ``r`` overflows.
-    """
-    return torch.exp(log_ratio - log_ratio.detach())
 
 
 def cegppo_token_loss(
@@ -61,23 +41,15 @@ def cegppo_token_loss(
     """
     adv = advantages.detach()
     log_ratio = log_prob - old_log_prob.detach()
-    ratio_exact = torch.exp(log_ratio.detach())  # may be inf/0; only used for decisions
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    unit = _unit_with_grad(log_ratio)
-
-    clipped_low = (adv < 0) & (ratio_exact < 1.0 - eps_low)
-    clipped_high = (adv > 0) & (ratio_exact > 1.0 + eps_high)
+    ratio_exact, ratio = ratios(log_ratio)
+    unit = unit_with_grad(log_ratio)
+    clipped_low, clipped_high = clip_masks(ratio_exact, eps_low, eps_high, adv)
 
     loss_plain = -ratio * adv
     loss_low = -(beta1 * (1.0 - eps_low)) * unit * adv
     loss_high = -(beta2 * (1.0 + eps_high)) * unit * adv
     loss = torch.where(clipped_low, loss_low, torch.where(clipped_high, loss_high, loss_plain))
-
-    # Dual clip for negative advantages: cap the loss at -A * c (constant, no gradient).
-    # Strict '>' keeps the branch's own gradient at an exact tie.
-    bound = -adv * clip_ratio_c
-    dual_clipped = (adv < 0) & (loss.detach() > bound)
-    loss = torch.where(dual_clipped, bound, loss)
+    loss, dual_clipped = dual_clip(loss, adv, clip_ratio_c)
 
     return loss, {
         "clipped_low": clipped_low,
@@ -98,11 +70,7 @@ def cegppo_loss(
     beta1: Number = 0.5,
     beta2: Number = 1.0,
     clip_ratio_c: Number = 10.0,
-    loss_agg_mode: str = "token-mean",
-    normalizer: Optional[Union[Number, torch.Tensor]] = None,
-    entropy: Optional[torch.Tensor] = None,
-    hp_threshold: Number = 0.5,
-    check_finite: bool = True,
+    **options: Unpack[LossOptions],
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """CE-GPPO policy loss (Su et al. 2025, arXiv 2509.20712).
 
@@ -138,12 +106,16 @@ def cegppo_loss(
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
         beta1, beta2: gradient scale of the low / high clipped tokens (>= 0).
         clip_ratio_c: dual-clip constant (> 1).
-        loss_agg_mode, normalizer: see :func:`~megatron_cegppo.losses.aggregate_loss`.
+        options: the keyword arguments every policy loss takes
+            (:class:`~megatron_cegppo.losses.driver.LossOptions`):
+        loss_agg_mode, normalizer: see :func:`~megatron_cegppo.losses.aggregate_loss`
+            (default ``"token-mean"``, ``None``).
         entropy: optional ``[B, L]`` entropy of the current policy, used only for the
             quadrant metrics (a token is low-probability when ``lp < -entropy``).
         hp_threshold: without ``entropy``, a token is low-probability when
-            ``exp(lp) < hp_threshold``.
-        check_finite: check that inputs are finite at valid positions (one host sync).
+            ``exp(lp) < hp_threshold`` (default 0.5).
+        check_finite: check that inputs are finite at valid positions (one host sync;
+            default True).
 
     Returns:
         ``(loss, metrics)``: 0-dim loss (dtype ``promote(inputs, float32)``) and a dict of
@@ -159,8 +131,6 @@ def cegppo_loss(
             lp, old, adv, eps_low=float(eps_low), eps_high=float(eps_high),
             beta1=float(beta1), beta2=float(beta2), clip_ratio_c=float(clip_ratio_c),
         ),
-        log_prob, old_log_prob, advantages, response_mask,
-        loss_agg_mode=loss_agg_mode, normalizer=normalizer, entropy=entropy,
-        hp_threshold=hp_threshold, check_finite=check_finite,
+        log_prob, old_log_prob, advantages, response_mask, **options,
     )
     return loss, metrics

@@ -3,7 +3,7 @@ aggregate, statistics."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, TypedDict, Union
 
 import torch
 
@@ -20,6 +20,17 @@ TokenLoss = Callable[
 ]
 
 
+class LossOptions(TypedDict, total=False):
+    """The keyword arguments every policy loss takes after its own parameters, passed on to
+    :func:`compute_policy_loss` (defaults there; see :func:`~megatron_cegppo.losses.cegppo_loss`)."""
+
+    loss_agg_mode: str
+    normalizer: Optional[Union[Number, torch.Tensor]]
+    entropy: Optional[torch.Tensor]
+    hp_threshold: Number
+    check_finite: bool
+
+
 def compute_policy_loss(
     token_loss: TokenLoss,
     log_prob: torch.Tensor,
@@ -27,11 +38,11 @@ def compute_policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    loss_agg_mode: str,
-    normalizer: Optional[Union[Number, torch.Tensor]],
-    entropy: Optional[torch.Tensor],
-    hp_threshold: Number,
-    check_finite: bool,
+    loss_agg_mode: str = "token-mean",
+    normalizer: Optional[Union[Number, torch.Tensor]] = None,
+    entropy: Optional[torch.Tensor] = None,
+    hp_threshold: Number = 0.5,
+    check_finite: bool = True,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor], torch.Tensor]:
     """Runs ``token_loss`` on validated, sanitized inputs. Returns
     ``(loss, metrics, branches, mask)``."""

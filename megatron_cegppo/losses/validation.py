@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .aggregation import LOSS_AGG_MODES
+from .names import LOSS_AGG_MODES
 
 Number = Union[int, float]
 
@@ -155,6 +155,7 @@ def check_clip_ratio_c(value, *, allow_none: bool) -> None:
 
 
 def check_loss_agg_mode(mode) -> None:
+    """``mode`` must be one of :data:`~megatron_cegppo.losses.names.LOSS_AGG_MODES`."""
     if mode not in LOSS_AGG_MODES:
         raise ValueError(
             f"unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}"

@@ -8,6 +8,9 @@ import torch
 
 from megatron_cegppo.platform import current_platform
 
+# GPTModel takes a factor even with RoPE scaling off and reads it only when scaling is on;
+# without scaling it gets megatron's own default (Llama 3.1's 8), which no model here uses
+UNUSED_ROPE_SCALING_FACTOR = 8.0
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside megatron's DDP / Float16Module wrappers."""
@@ -61,7 +64,7 @@ def build_gpt_model_chunks(
                 position_embedding_type="rope",
                 rotary_base=rotary_base,
                 rope_scaling=rope_scaling_factor is not None,
-                rope_scaling_factor=rope_scaling_factor or 8.0,
+                rope_scaling_factor=rope_scaling_factor or UNUSED_ROPE_SCALING_FACTOR,
                 vp_stage=stage,
             )
         )

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_cegppo.config.schema import RolloutConfig
 from megatron_cegppo.models.hf_config import HFArchitecture
 from megatron_cegppo.models.sharding import (global_named_parameters, is_tp_sharded, load_full_state, tp_gather,
                                              tp_ranges)
@@ -18,6 +19,7 @@ from megatron_cegppo.models.weight_mapping import (hf_row_layout, hf_shapes, hf_
 
 
 READ_CHUNK_BYTES = 64 << 20
+BUCKET_BYTES = RolloutConfig().weight_bucket_bytes  # the run config's default
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
                 "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -216,7 +218,7 @@ def _full_shape(param: torch.Tensor, tp_world: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def export_hf_weights(chunks, arch: HFArchitecture, *, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf_weights(chunks, arch: HFArchitecture, *, bucket_bytes: int = BUCKET_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor)`` pairs of the whole model, on every rank, gathered one bucket
     at a time (see :func:`hf_weight_buckets`). Every rank of the TP and PP groups must consume
     the iterator in step."""
@@ -225,7 +227,7 @@ def export_hf_weights(chunks, arch: HFArchitecture, *, bucket_bytes: int = 256 <
 
 
 @torch.no_grad()
-def hf_weight_buckets(chunks, arch: HFArchitecture, *, bucket_bytes: int = 256 << 20) -> Iterator[list]:
+def hf_weight_buckets(chunks, arch: HFArchitecture, *, bucket_bytes: int = BUCKET_BYTES) -> Iterator[list]:
     """Lists of ``(hf_name, full tensor)`` of at most ``bucket_bytes`` each, or one tensor
     when a tensor is larger: each parameter is gathered over its TP group and broadcast from
     the pipeline stage that holds it, so no rank materialises the whole model at once."""

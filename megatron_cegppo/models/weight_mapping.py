@@ -9,7 +9,6 @@ layer-norm names are mapped onto them by :func:`canonical_name`.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Callable, Iterator, Mapping, Optional
 
 import torch
@@ -206,11 +205,3 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
         return tensor
     pad = tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])
     return torch.cat([tensor, pad])
-
-
-_LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    match = _LAYER_INDEX.match(name)
-    return int(match.group(1)) if match else None

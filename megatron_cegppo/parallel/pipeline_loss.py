@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_cegppo.losses import LOSS_AGG_MODES, POLICY_LOSSES, aggregate_loss, loss_normalizer
+from megatron_cegppo.losses import POLICY_LOSSES, aggregate_loss, loss_normalizer
+from megatron_cegppo.losses.names import LOGPROB_IMPLS, LOSS_AGG_MODES, LOSS_NAMES, check_choice
 from megatron_cegppo.losses.statistics import masked_mean
 from megatron_cegppo.models.gpt import unwrap_model
 from megatron_cegppo.parallel.microbatch import MicroBatch, as_microbatch
@@ -39,36 +40,27 @@ from megatron_cegppo.parallel.vocab_parallel import (
     vocab_parallel_logprobs_entropy,
 )
 
-LOGPROB_IMPLS = ("logits", "fused")
-
 
 @dataclass(frozen=True)
 class PolicyLossSpec:
     """What the last pipeline stage computes."""
 
-    loss: str = "cegppo"  # a key of losses.POLICY_LOSSES
+    loss: str = "cegppo"  # one of losses.names.LOSS_NAMES
     loss_kwargs: Mapping[str, Any] = field(default_factory=dict)  # eps_low, beta1, ...
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: str = "token-mean"  # one of losses.names.LOSS_AGG_MODES
     temperature: float = 1.0
     vocab_size: Optional[int] = None  # true vocabulary size; padded columns excluded
-    # "logits": from the output layer's vocab-sharded logits; "fused": from the last hidden
-    # states and the output weight, chunk by chunk (no [tokens, V/TP] logits at all).
-    logprob_impl: str = "logits"
+    logprob_impl: str = "logits"  # one of losses.names.LOGPROB_IMPLS (what each does: there)
     chunk_size: Optional[int] = None
     entropy_coeff: float = 0.0  # > 0 adds an entropy bonus (off in the paper)
     # > 0 adds kl_coeff * KL(policy || reference) from batch["ref_log_prob"] (off in the paper)
     kl_coeff: float = 0.0
-    kl_kind: str = "k3"  # k1 | k2 | k3, see algorithms.advantages.kl_penalty
+    kl_kind: str = "k3"  # k1 | k2 | k3, see losses.kl.kl_penalty
 
     def __post_init__(self) -> None:
-        if self.loss not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy loss {self.loss!r}; choose one of {sorted(POLICY_LOSSES)}")
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(
-                f"unknown loss_agg_mode {self.loss_agg_mode!r}; choose one of {list(LOSS_AGG_MODES)}"
-            )
-        if self.logprob_impl not in LOGPROB_IMPLS:
-            raise ValueError(f"unknown logprob_impl {self.logprob_impl!r}; choose one of {list(LOGPROB_IMPLS)}")
+        check_choice("policy loss", self.loss, sorted(LOSS_NAMES))
+        check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        check_choice("logprob_impl", self.logprob_impl, LOGPROB_IMPLS)
 
 
 def minibatch_loss_normalizer(
@@ -170,7 +162,7 @@ def _policy_loss_func(spec: PolicyLossSpec, batch: MicroBatch, core, scale: floa
         loss = loss - spec.entropy_coeff * bonus
     metrics = dict(metrics)
     if spec.kl_coeff:
-        from megatron_cegppo.algorithms.advantages import kl_penalty
+        from megatron_cegppo.losses.kl import kl_penalty
 
         kl = kl_penalty(log_prob, batch.ref_log_prob, kind=spec.kl_kind)
         loss = loss + spec.kl_coeff * aggregate_loss(kl, mask, spec.loss_agg_mode, normalizer=batch.loss_normalizer)

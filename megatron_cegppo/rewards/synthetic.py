@@ -32,7 +32,12 @@ class ArithmeticTask:
         a = self._rng.randint(self._low, self._high)
         b = self._rng.randint(self._low, self._high)
         op = self._rng.choice(self.ops)
-        return {"prompt": f"{a}{op}{b}=", "answer": str(_OPS[op](a, b))}
+        return arithmetic_problem(a, b, op)
+
+
+def arithmetic_problem(a: int, b: int, op: str = "+") -> Dict[str, str]:
+    """The problem ``a<op>b=`` and its answer, in the task's format."""
+    return {"prompt": f"{a}{op}{b}=", "answer": str(_OPS[op](a, b))}
 
 
 def make_arithmetic_dataset(

@@ -33,6 +33,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from megatron_cegppo.config.schema import ModelConfig, RolloutConfig
+from megatron_cegppo.config.validate import setting_problem
 from megatron_cegppo.platform import current_platform
 from megatron_cegppo.rollout.vllm_compat import (
     quiet_buffer_only_reload_warnings,
@@ -43,23 +45,26 @@ from megatron_cegppo.rollout.vllm_compat import (
 SLEEP_LEVELS = (1, 2)
 # vLLM's tags of the memory pools sleep mode frees (vllm/v1/executor/abstract.py SLEEP_TAGS)
 WEIGHTS, KV_CACHE = "weights", "kv_cache"
+# the run config's defaults (config.schema), so an engine built without a config behaves as one
+# built from the default config
+_ROLLOUT = RolloutConfig()
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
+    n: int = _ROLLOUT.n
+    temperature: float = _ROLLOUT.temperature
+    top_p: float = _ROLLOUT.top_p
+    max_tokens: int = _ROLLOUT.max_tokens
+    stop: tuple[str, ...] = tuple(_ROLLOUT.stop)
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.max_tokens < 1:
-            raise ValueError("n and max_tokens must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # the ranges the run config's rollout settings are held to (config.validate)
+        found = [setting_problem(f"rollout.{name}", getattr(self, name))
+                 for name in ("n", "temperature", "top_p", "max_tokens")]
+        found = [problem for problem in found if problem]
+        if found:
+            raise ValueError("; ".join(found))
 
 
 @dataclass
@@ -76,11 +81,12 @@ class Completion:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    tensor_parallel_size: int = 1
-    dtype: str = "float32"
-    max_model_len: int = 512
-    kv_cache_bytes: int = 256 << 20  # CPU: the KV cache's size
-    gpu_memory_utilization: float = 0.5  # GPU: vLLM's share of the device while generating
+    tensor_parallel_size: int = _ROLLOUT.tensor_parallel
+    dtype: str = ModelConfig().dtype
+    max_model_len: int = _ROLLOUT.max_model_len
+    kv_cache_bytes: int = _ROLLOUT.kv_cache_bytes  # CPU: the KV cache's size
+    # GPU: vLLM's share of the device while generating
+    gpu_memory_utilization: float = _ROLLOUT.gpu_memory_utilization
     enable_sleep_mode: Optional[bool] = None  # None: on where supported (CUDA)
     extra: dict = field(default_factory=dict)  # passed to vllm.LLM as they are
     # 2: weights discarded while asleep (every push rewrites them); 1: offloaded to host memory

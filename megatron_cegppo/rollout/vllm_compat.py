@@ -13,9 +13,10 @@ import uuid
 
 import torch.distributed as dist
 
+from megatron_cegppo.patching import patch_once
+
 RUN_ID_ENV = "CEGPPO_VLLM_RUN_ID"
-_lock = threading.Lock()
-_patched = False
+_lock = threading.Lock()  # guards the reload logger's filters
 
 
 def share_run_id() -> str:
@@ -38,10 +39,8 @@ def unique_cpu_shm_names() -> None:
     ``"//"``), so a killed run leaves segments that make the next run on the host fail with
     ``create shm in SHMManager failed. errno: 17``, and two concurrent jobs collide. The name
     gets this run's id (:func:`share_run_id`) appended."""
-    global _patched
-    with _lock:
-        if _patched:
-            return
+
+    def patch() -> None:
         from vllm.distributed.device_communicators import cpu_communicator
 
         upstream = cpu_communicator._CPUSHMDistributed.make_group_name
@@ -53,7 +52,8 @@ def unique_cpu_shm_names() -> None:
             return f"{upstream(communicator)}-{run_id}"
 
         cpu_communicator._CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
-        _patched = True
+
+    patch_once("vllm.cpu_shm_group_name", patch)
 
 
 # -- the layer-wise reload's warning about rotary layers ------------------------------------

@@ -12,19 +12,20 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_cegppo.testing.multiprocess import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from megatron_cegppo.testing.tiny import TINY_CONFIG
 
 
 def start_training(overrides: Sequence[str], log: Path, *, nproc: int = 2, script: Optional[Path] = None,
-                   config: str = "configs/tiny_cpu.yaml") -> subprocess.Popen:
+                   config: Optional[str] = None) -> subprocess.Popen:
     """``torchrun --nproc-per-node nproc`` of the trainer (or of ``script``, which takes the
-    trainer's arguments) in a new session, writing stdout and stderr to ``log``."""
+    trainer's arguments) on ``config`` (default: the demo's) in a new session, in the folder
+    of ``log``, writing stdout and stderr to ``log``."""
+    config = config or str(TINY_CONFIG)  # a file of the installed package
     target = [str(script)] if script else ["-m", "megatron_cegppo.cli", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            f"--master-port={free_port()}", *target, "--config", config, *overrides]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        return subprocess.Popen(cmd, cwd=Path(log).parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 

@@ -1,11 +1,17 @@
 """A tiny Qwen2-shaped megatron-core configuration (RoPE, GQA, SwiGLU, RMSNorm, QKV bias) for
-the tests and the CPU demo."""
+the tests and the CPU demo, and the demo's run config.
+
+The run config ships inside the package (``testing/tiny_cpu.yaml``, the same file as
+``configs/tiny_cpu.yaml``), so that it is found from any working directory and from a wheel."""
 
 from __future__ import annotations
 
-from typing import Optional
+from importlib import resources
+from typing import Iterable, Optional
 
 import torch
+
+TINY_CONFIG = resources.files(__package__) / "tiny_cpu.yaml"
 
 
 def tiny_gpt_config(
@@ -58,7 +64,7 @@ def save_tiny_task_model(folder) -> None:
 
 def prepare_tiny_run(folder, prompts: int = 64, seed: int = 1) -> list[str]:
     """An untrained tiny task model and a prompt file in ``folder``, and the overrides that
-    point ``configs/tiny_cpu.yaml`` at them."""
+    point the demo's config (:func:`load_tiny_config`) at them."""
     from pathlib import Path
 
     from megatron_cegppo.demo.prepare import write_prompts
@@ -69,11 +75,19 @@ def prepare_tiny_run(folder, prompts: int = 64, seed: int = 1) -> list[str]:
     return [f"model.path={folder / 'model'}", f"data.train_path={folder / 'prompts.jsonl'}"]
 
 
+def load_tiny_config(overrides: Iterable[str] = ()):
+    """The demo's config (``configs/tiny_cpu.yaml``) with ``overrides``, not yet validated."""
+    from megatron_cegppo.config import load_config
+
+    with resources.as_file(TINY_CONFIG) as path:
+        return load_config(path, overrides)
+
+
 def fit_tiny_trainer(overrides, world: int):
-    """``(trainer, history)``: a Trainer of ``configs/tiny_cpu.yaml`` with ``overrides``, after
+    """``(trainer, history)``: a Trainer of the demo's config with ``overrides``, after
     ``fit()`` (call it on every rank)."""
-    from megatron_cegppo.config import load_config, validate
+    from megatron_cegppo.config import validate
     from megatron_cegppo.trainer.loop import Trainer
 
-    trainer = Trainer(validate(load_config("configs/tiny_cpu.yaml", overrides), world))
+    trainer = Trainer(validate(load_tiny_config(overrides), world))
     return trainer, trainer.fit()

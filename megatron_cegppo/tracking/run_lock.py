@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from megatron_cegppo.tracking.run_dir import fsync_dir
+from megatron_cegppo.fsutil import fsync_dir
 
 LOCK_NAME = "run.lock"
 CLAIM_PREFIX = LOCK_NAME + ".takeover."

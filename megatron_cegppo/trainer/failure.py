@@ -22,7 +22,7 @@ EXIT_BAD_INPUT = 2  # as for the problems found before start-up
 
 def _every_rank_errors() -> tuple:
     from megatron_cegppo.checkpoint.store import CheckpointError
-    from megatron_cegppo.config.loader import ConfigError
+    from megatron_cegppo.config.errors import ConfigError
     from megatron_cegppo.data.prompts import DataError
     from megatron_cegppo.platform import PlatformError
     from megatron_cegppo.tracking.run_lock import RunLockedError
@@ -63,7 +63,10 @@ def write_traceback(run_dir: str, exc: BaseException) -> str:
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (a multi-line message's lines joined with '; ')."""
     lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
-    message = "; ".join(lines) or type(exc).__name__
+    if len(lines) > 1 and lines[0].endswith(":"):  # "header:" then one item per line
+        message = f"{lines[0]} {'; '.join(lines[1:])}"
+    else:
+        message = "; ".join(lines) or type(exc).__name__
     return message if isinstance(exc, _every_rank_errors()) else f"{type(exc).__name__}: {message}"
 
 
@@ -79,7 +82,7 @@ def report_failure(exc: BaseException, run_dir: str) -> int:
     if speaks:
         who = "" if rank == 0 else f"rank {rank} ({socket.gethostname()}): "
         print(f"megatron-cegppo: {who}{one_line(exc)} (traceback: {where})", file=sys.stderr, flush=True)
-    from megatron_cegppo.config.loader import ConfigError
+    from megatron_cegppo.config.errors import ConfigError
     from megatron_cegppo.data.prompts import DataError
 
     return EXIT_BAD_INPUT if isinstance(exc, (ConfigError, DataError)) else EXIT_FAILED

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_cegppo.algorithms.advantages import group_all_equal
 from megatron_cegppo.algorithms.dynamic_sampling import DynamicSampler
 from megatron_cegppo.platform import current_platform
 from megatron_cegppo.rewards.registry import compute_rewards
@@ -102,10 +103,11 @@ class RolloutPhase:
             groups = self._generate(sampler.next_batch(n), step, rounds[0])
             rounds[0] += 1
             seen.extend(r for g in groups for r in g.rewards)
-            for g in groups:
-                if len(set(g.rewards)) == 1:
-                    dropped.append(g)
-            return groups, torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+            rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+            # the sampler's own test on the same tensor: a group it drops is kept as filler
+            equal = group_all_equal(rewards, self.sampling.n).tolist()
+            dropped.extend(g for g, same in zip(groups, equal) if same)
+            return groups, rewards
 
         result = DynamicSampler(generate, target_groups=num_prompts, group_size=self.sampling.n,
                                 max_rounds=max_rounds).sample()

@@ -40,7 +40,7 @@ def worker(rank, world, tp, sp, recompute, packed=False):
 
     from megatron_cegppo.models.gpt import build_gpt_model_chunks
     from megatron_cegppo.models.hf_config import recompute_settings
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.testing.saved_tensors import SavedBytes
     from megatron_cegppo.testing.tiny import tiny_gpt_config
 

@@ -25,7 +25,7 @@ def worker(rank, world, tp, pp, tied):
 
     from megatron_cegppo.config.schema import OptimConfig
     from megatron_cegppo.models import build_gpt_from_hf
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.trainer.optim import build_optimizer
 
     apply_cpu_compat()

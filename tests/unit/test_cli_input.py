@@ -259,7 +259,7 @@ def task_model(tmp_path):
 
 
 def test_the_model_folder_is_good(task_model):
-    from megatron_cegppo.config.preflight import model_folder_problems
+    from megatron_cegppo.preflight import model_folder_problems
 
     assert model_folder_problems(str(task_model)) == []
 

@@ -35,7 +35,7 @@ def _model():
 
     from megatron_cegppo.config.schema import OptimConfig
     from megatron_cegppo.models import build_gpt_model_chunks
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.testing.multiprocess import free_port
     from megatron_cegppo.testing.tiny import tiny_gpt_config
     from megatron_cegppo.trainer.optim import build_optimizer

@@ -70,6 +70,7 @@ def test_resume_at_another_layout(setup, saved_at):
     tmp, common, whole = setup
     name = "_".join(saved_at) or "tp2"
     history, final = _stop_and_resume(tmp, common, name, ["parallel.tensor=1", "parallel.pipeline=1"], saved_at)
+    assert len(history) == len(whole[0][1]) == 4
     for got, expected in zip(history, whole[0][1]):
         for key, value in _deterministic(expected).items():
             assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key

@@ -28,7 +28,7 @@ def worker(rank, world, path):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.checkpoint.rng import capture_rng_state, restore_rng_state
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cegppo.testing.launch import ROOT, finish, metrics_lines, start_training, wait_until
+from megatron_cegppo.testing.launch import finish, metrics_lines, start_training, wait_until
+from megatron_cegppo.testing.tiny import TINY_CONFIG
 from megatron_cegppo.testing.tiny import prepare_tiny_run
 
 pytestmark = pytest.mark.distributed
@@ -46,9 +47,9 @@ def test_a_second_run_on_a_busy_directory_is_refused_naming_the_holder(tiny, tmp
 
         holder = json.loads((run_dir / LOCK_NAME).read_text())
         second = subprocess.run(
-            [sys.executable, "-m", "megatron_cegppo.cli", "train", "--config", "configs/tiny_cpu.yaml", *tiny,
+            [sys.executable, "-m", "megatron_cegppo.cli", "train", "--config", str(TINY_CONFIG), *tiny,
              f"trainer.run_dir={run_dir}", "parallel.tensor=1", "trainer.seed=5"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, capture_output=True, text=True, timeout=300)
         said = [line for line in second.stderr.splitlines() if line.startswith("megatron-cegppo:")]
         assert second.returncode != 0
         assert len(said) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]

@@ -49,7 +49,7 @@ def worker(rank, world, folders, tp, pp):
     from megatron.core import parallel_state
 
     from megatron_cegppo.models import build_gpt_from_hf, export_hf_weights, import_hf_weights, read_hf_config, read_hf_state
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

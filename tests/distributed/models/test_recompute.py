@@ -44,7 +44,7 @@ def worker(rank, world, tp, pp, dropout):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.models import build_gpt_from_hf
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.parallel.pipeline_loss import (
         PolicyLossSpec, make_policy_forward_step, minibatch_loss_normalizer,
     )

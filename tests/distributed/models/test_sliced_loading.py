@@ -92,7 +92,7 @@ def worker(rank, world, folders):
 
     from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config, read_hf_state
     from megatron_cegppo.models.sharding import global_named_parameters
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
     real_open = safetensors.safe_open

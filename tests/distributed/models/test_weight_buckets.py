@@ -33,7 +33,7 @@ def worker(rank, world, state):
 
     from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights
     from megatron_cegppo.models.hf_io import hf_weight_buckets
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_cegppo.parallel.cpu_compat import PATCH_NAMES
+from megatron_cegppo.cpu_compat import PATCH_NAMES
 from megatron_cegppo.testing.multiprocess import run_distributed
 from megatron_cegppo.testing.tiny import tiny_gpt_config
 
@@ -110,7 +110,7 @@ OPERATIONS = {
 def worker(rank, world, patch, exclude):
     from megatron.core import parallel_state
 
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat(exclude=exclude)
     op, layout = OPERATIONS[patch]

@@ -13,6 +13,7 @@ import torch
 from megatron_cegppo.models.sharding import global_named_parameters as global_named_params
 from megatron_cegppo.models.sharding import tp_shard
 from megatron_cegppo.testing.multiprocess import run_distributed
+from megatron_cegppo.testing.synthetic_batch import random_rollout, rollout_microbatch
 from megatron_cegppo.testing.tiny import tiny_gpt_config
 
 pytestmark = pytest.mark.distributed
@@ -25,20 +26,13 @@ def make_batches():
     g = torch.Generator().manual_seed(7)
     batches = []
     for m in range(NUM_MICRO):
-        ids = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
-        mask = torch.zeros(MICRO, SEQ)
-        for b in range(MICRO):
-            start = int(torch.randint(2, 8, (1,), generator=g))
-            end = int(torch.randint(start, SEQ + 1, (1,), generator=g))
-            mask[b, start:end] = 1
+        ids, mask = random_rollout(g, rows=MICRO, seq=SEQ, vocab=VOCAB, start=(2, 8), min_response=0)
         if m == 1:
             mask[0] = 0  # a sequence without response tokens
         adv = torch.randn(MICRO, 1, generator=g).expand(MICRO, SEQ).clone()
         adv[adv.abs() < 0.2] = 0.0
-        batches.append(dict(
-            input_ids=ids[:, :-1].contiguous(), labels=ids[:, 1:].contiguous(),
-            position_ids=torch.arange(SEQ).expand(MICRO, SEQ).contiguous(),
-            loss_mask=mask, advantages=adv,
+        batches.append(rollout_microbatch(
+            ids, mask, adv,
             # a near-uniform random model gives log-probs ~ -log(100): ratios spread over both clips
             old_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
             ref_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
@@ -51,7 +45,7 @@ def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.models import build_gpt_model_chunks
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.platform import current_platform
 
     apply_cpu_compat()

@@ -30,7 +30,7 @@ def worker(rank, world, folder, rollout_tp):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config, read_hf_state
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.parallel.pipeline_loss import PolicyLossSpec, make_logprob_forward_step
     from megatron_cegppo.rollout import EngineConfig, RolloutEngine, SamplingConfig
     from megatron_cegppo.rollout.batch import build_token_batch

@@ -68,7 +68,7 @@ def gathered_state(optimizer, model, dp_group, key="param"):
 def _init(tp):
     from megatron.core import parallel_state
 
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)

@@ -30,7 +30,7 @@ def _worker(rank, world):
         DataDependentOutputException, FakeTensorDeviceMismatchError, FakeTensorMode,
     )
 
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.parallel.pipeline_loss import minibatch_loss_normalizer
     from megatron_cegppo.platform import Platform
     from megatron_cegppo.rollout.batch import build_microbatches

@@ -88,7 +88,7 @@ def worker(rank, world, layout):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.models import build_gpt_model_chunks
-    from megatron_cegppo.parallel.cpu_compat import apply_cpu_compat
+    from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron_cegppo.parallel.pipeline_loss import (
         PolicyLossSpec, make_logprob_forward_step, make_policy_forward_step, minibatch_loss_normalizer,
     )

@@ -56,4 +56,7 @@ def test_short_training_run(tmp_path):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2]
     assert (run_dir / "config.yaml").exists()
-    assert any((run_dir / "plots").glob("*.png")) or any(run_dir.glob("*.png"))
+    plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+    assert plots == ["clipping.png", "entropy.png", "quadrants.png", "reward.png"], plots
+    for name in plots:
+        assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

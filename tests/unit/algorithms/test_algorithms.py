@@ -13,8 +13,8 @@ from megatron_cegppo.algorithms import (
     DynamicSampler,
     dynamic_sampling_filter,
     grpo_advantages,
-    kl_penalty,
 )
+from megatron_cegppo.losses.kl import kl_penalty
 
 # ---- advantages -------------------------------------------------------------------------
 

@@ -79,7 +79,9 @@ def test_invalid_values_are_named(override, world, match):
 
 def test_every_problem_is_reported_at_once():
     found = problems(load_config(None, ["algorithm.beta1=-1", "algorithm.clip_ratio_c=0.5"]))
-    assert len(found) >= 4  # model.path, data.train_path, beta, c
+    assert len(found) == 4, found
+    for part in ("model.path:", "data.train_path:", "algorithm.beta1", "algorithm.clip_ratio_c"):
+        assert sum(part in line for line in found) == 1, (part, found)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -15,8 +15,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from megatron_cegppo.config import Config
-from megatron_cegppo.config import preflight
-from megatron_cegppo.config.preflight import file_problems, model_folder_problems, run_dir_problems
+from megatron_cegppo import preflight
+from megatron_cegppo.preflight import file_problems, model_folder_problems, run_dir_problems
 
 ROOT = Path(__file__).resolve().parents[3]
 SHAPE = dict(model_type="qwen2", vocab_size=20, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
@@ -358,7 +358,7 @@ def test_no_torch_imported(task_model, tmp_path):
     code = f"""
 import sys
 from megatron_cegppo.config import load_config
-from megatron_cegppo.config.preflight import file_problems
+from megatron_cegppo.preflight import file_problems
 cfg = load_config({str(ROOT / 'configs/tiny_cpu.yaml')!r}, [
     "model.path={task_model}", "data.train_path={prompts}", "trainer.run_dir={tmp_path / 'run'}"])
 assert file_problems(cfg) == [], file_problems(cfg)

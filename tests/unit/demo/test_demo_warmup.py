@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import pytest
 
@@ -73,15 +74,16 @@ def test_tokenizer_bytes_are_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_private_reward_matches_task_format():
-    from megatron_cegppo.demo.warmup import _all_pairs, _example, _reward
+def test_warmup_uses_the_task_format_and_reward():
+    from megatron_cegppo.demo.warmup import _all_pairs
+    from megatron_cegppo.rewards.synthetic import arithmetic_problem, arithmetic_reward
 
-    assert _example(37, 45) == {"prompt": "37+45=", "answer": "82"}
+    assert arithmetic_problem(37, 45) == {"prompt": "37+45=", "answer": "82"}
     assert len(_all_pairs(2)) == 90 * 90
-    assert _reward("\\boxed{82}", "82") == 1.0
-    assert _reward("\\boxed{ 82 }\\boxed{1}", "82") == 1.0
-    assert _reward("\\boxed{1}\\boxed{82}", "82") == 0.0
-    assert _reward("82}", "82") == 0.0
+    assert arithmetic_reward("\\boxed{82}", "82") == 1.0
+    assert arithmetic_reward("\\boxed{ 82 }\\boxed{1}", "82") == 1.0
+    assert arithmetic_reward("\\boxed{1}\\boxed{82}", "82") == 0.0
+    assert arithmetic_reward("82}", "82") == 0.0
 
 
 def test_warmup_smoke_writes_loadable_checkpoint(tmp_path):
@@ -107,6 +109,17 @@ def test_warmup_smoke_writes_loadable_checkpoint(tmp_path):
 
     rec = json.loads((out / "warmup.json").read_text())
     assert rec["steps_trained"] == 5 and rec["seed"] == 0
-    assert 0.0 <= rec["sampled_accuracy"] <= 1.0
-    assert rec["history"][-1][0] in (0, 5)
-    assert isinstance(rec["reached_target"], bool) and rec["wall_time_s"] > 0
+    assert [step for step, _ in rec["history"]] == [0, 5]  # evaluated before training and every 5 steps
+    # the record keeps the evaluated weights closest to the target, and says so
+    best_step, best_acc = min(rec["history"], key=lambda h: abs(h[1] - rec["target_accuracy"]))
+    assert (rec["step"], rec["sampled_accuracy"]) == (best_step, best_acc)
+    lo, hi = rec["target_accuracy"] - rec["band"], rec["target_accuracy"] + rec["band"]
+    assert rec["reached_target"] == (lo <= best_acc <= hi)
+    # and its accuracy is the saved model's: the held-out prompts sampled again from the files
+    from megatron_cegppo.demo.warmup import _all_pairs, sampled_accuracy
+    from megatron_cegppo.rewards.synthetic import arithmetic_problem
+
+    pairs = _all_pairs(rec["digits"])
+    random.Random(rec["seed"]).shuffle(pairs)
+    held_out = [arithmetic_problem(a, b) for a, b in pairs[:rec["eval_prompts"]]]
+    assert sampled_accuracy(model, tok, held_out, seed=rec["eval_sampling_seed"]) == pytest.approx(best_acc, abs=0.02)

@@ -60,7 +60,7 @@ def test_truncated_importance_weights_and_their_use_through_advantages():
     torch.testing.assert_close(g_weighted[0], torch.stack(per_token) * w[0])
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(n=0), "n and max_tokens"), (dict(temperature=0), "temperature"),
+@pytest.mark.parametrize("kwargs,match", [(dict(n=0), "rollout.n must be >= 1"), (dict(temperature=0), "temperature"),
                                           (dict(top_p=1.5), "top_p")])
 def test_sampling_config_is_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -18,12 +18,13 @@ def _fail(exc):
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_an_error_every_rank_meets_is_said_once_by_rank_0(tmp_path, capsys, monkeypatch, rank):
     monkeypatch.setenv("RANK", rank)
-    status = run_reporting_failures(_fail(CheckpointError("step_3: a file differs\n  step_2: missing")), str(tmp_path))
+    status = run_reporting_failures(_fail(CheckpointError("no checkpoint:\n  step_3: a file differs\n  step_2: missing")),
+                                    str(tmp_path))
     assert status == EXIT_FAILED
     err = capsys.readouterr().err
     if rank == "0":
         assert err.count("\n") == 1, err
-        assert err.startswith("megatron-cegppo: step_3: a file differs; step_2: missing (traceback: ")
+        assert err.startswith("megatron-cegppo: no checkpoint: step_3: a file differs; step_2: missing (traceback: ")
     else:
         assert err == ""
     log = (tmp_path / "logs" / f"error.rank{int(rank):05d}.txt").read_text()

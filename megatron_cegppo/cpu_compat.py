@@ -12,14 +12,12 @@ whenever megatron builds its torch-native norm (no transformer-engine / apex), C
 from __future__ import annotations
 
 import importlib
-import threading
 import types
 from typing import Any
 
 import torch
 
-_lock = threading.Lock()
-_applied: set[str] = set()
+from megatron_cegppo.patching import patch_once
 
 # Modules that create tensors with a hard-coded ``device="cuda"`` on paths we use:
 #   pipeline_parallel.schedules: forward_backward_no_pipelining / _with_interleaving /
@@ -129,11 +127,7 @@ class _TorchWithCpuCuda(types.ModuleType):
 
 
 def _patch_once(name: str, fn) -> None:
-    with _lock:
-        if name in _applied:
-            return
-        fn()
-        _applied.add(name)
+    patch_once(f"megatron.cpu_compat.{name}", fn)
 
 
 def _patch_current_device() -> None:

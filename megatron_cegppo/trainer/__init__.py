@@ -1,0 +1,1 @@
+"""The training loop and what runs it: process layout, stopping, failure reports."""
