@@ -183,6 +183,12 @@ def node_environment(environ: Mapping[str, str]) -> dict:
     list is used round robin), not NCCL's ``^lo,docker`` exclusion syntax, hence a name found
     per node."""
     env = dict(environ)
+    # torchrun gives its ranks 30 s after passing on a SIGTERM before it kills them: shorter
+    # than a large save, which a stop signal lets finish. The stop lead is the time the batch
+    # script reserves for one more step and a save.
+    lead = env.get("CEGPPO_STOP_LEAD_SECONDS", "")
+    if not env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") and lead.isdigit():
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(max(30, int(lead)))
     if not env.get("GLOO_SOCKET_IFNAME"):
         peer = env["MASTER_ADDR"]
         if env.get("SLURM_NODEID") == "0" and env.get("CEGPPO_PEER_ADDR"):

@@ -159,6 +159,16 @@ def _unlink(path: Path) -> None:
         pass
 
 
+def _replace(path: Path, text: str) -> None:
+    """``path`` now holds ``text``, whole: written beside it, then renamed over it."""
+    tmp = _write_tmp(path.parent, text)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
 def _create_exclusive(path: Path, text: str) -> bool:
     """Creates ``path`` holding ``text`` if it does not exist; ``False`` if it does. Atomic."""
     tmp = _write_tmp(path.parent, text)
@@ -359,12 +369,7 @@ class RunLock:
             current, _ = _read_record(self.path)
             if current is None or (current.get("token") or "unreadable") != token:
                 return "busy"
-            tmp = _write_tmp(self.run_dir, json.dumps(record, indent=1))
-            try:
-                os.replace(tmp, self.path)
-            except BaseException:
-                _unlink(tmp)
-                raise
+            _replace(self.path, json.dumps(record, indent=1))
             fsync_dir(self.run_dir)
             return "won"
         finally:
@@ -398,12 +403,7 @@ class RunLock:
                                    f"stop writing to it")
         now = time.time()
         record = dict(self._record, heartbeat=now, heartbeat_iso=_now_iso(now))
-        tmp = _write_tmp(self.run_dir, json.dumps(record, indent=1))
-        try:
-            os.replace(tmp, self.path)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        _replace(self.path, json.dumps(record, indent=1))
         self._record = record
         self._last_write = time.monotonic()
 

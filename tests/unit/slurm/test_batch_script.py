@@ -226,3 +226,12 @@ def test_a_signal_to_the_batch_shell_asks_the_trainer_to_stop_and_requeues(tmp_p
     assert f"{signal_name}: asking the trainer to save and stop" in out and "saved; requeueing job 7" in out
     assert (log / "stop_text").read_text().strip() == text
     assert (log / "requeued").read_text().split() == ["7"]
+
+
+def test_torchrun_waits_for_a_save_as_long_as_the_stop_lead():
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "12345", "SLURM_NODEID": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    assert slurm.node_environment({**env, "CEGPPO_STOP_LEAD_SECONDS": "600"})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"
+    assert slurm.node_environment({**env, "CEGPPO_STOP_LEAD_SECONDS": "5"})["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "30"
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in slurm.node_environment(env)
+    mine = {**env, "CEGPPO_STOP_LEAD_SECONDS": "600", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "90"}
+    assert slurm.node_environment(mine)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "90"  # the user's wins
