@@ -1,6 +1,6 @@
 """Benchmark: the training phase of one mini-batch, unpacked vs token-budget packed, CPU, TP2.
 
-The trainer (``Trainer._pack``) either cuts a mini-batch into ``micro_batch_size`` rows padded
+The trainer (``trainer.step_phases.pack_minibatches``) either cuts a mini-batch into ``micro_batch_size`` rows padded
 to the step's longest sequence (unpacked) or packs whole sequences back to back into rows of
 ``algorithm.max_tokens_per_microbatch`` tokens with a block-diagonal causal mask (packed,
 ``attention="mask"``, megatron's local attention as on the CPU). For each length distribution
@@ -93,7 +93,7 @@ def synthetic_rollout(case, seed: int = 1):
 
 
 def microbatches(case, packed: bool):
-    """This rank's micro-batches of the mini-batch, as ``Trainer._pack`` builds them (DP1)."""
+    """This rank's micro-batches of the mini-batch, as ``trainer.step_phases.pack_minibatches`` builds them (DP1)."""
     from megatron_cegppo.algorithms.packing import pack_microbatches
     from megatron_cegppo.platform import current_platform
     from megatron_cegppo.rollout.batch import build_microbatches

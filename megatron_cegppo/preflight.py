@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 from megatron_cegppo.config.schema import Config, DataConfig
 from megatron_cegppo.data.prompts import SUPPORTED_EXTENSIONS as PROMPT_SUFFIXES
+from megatron_cegppo.data.prompts import DataError, read_rows, row_problems, row_unit
 from megatron_cegppo.models.hf_config import SUPPORTED_MODEL_TYPES as MODEL_TYPES
 
 PROMPT_ROWS_CHECKED = 16
@@ -48,86 +49,28 @@ def prompt_file_problems(data: DataConfig) -> list[str]:
     suffix = p.suffix.lower()
     if suffix not in PROMPT_SUFFIXES:
         return [f"data.train_path: {path} has suffix {suffix or '(none)'!r}; supported: {', '.join(PROMPT_SUFFIXES)}"]
-    if suffix == ".jsonl":
-        rows, unit = _jsonl_head(path, PROMPT_ROWS_CHECKED), "line"
-    else:
-        rows, unit = _parquet_head(path, PROMPT_ROWS_CHECKED), "row"
-    return _row_problems(path, unit, rows, data)
+    return _row_problems(path, data)
 
 
-def _row_problems(path: str, unit: str, rows: Iterator[tuple[int, Any]], data: DataConfig) -> list[str]:
-    """The first problem of each kind among ``rows`` ``(number, row or error text)``: a wrong
-    key name is one line, not one per row."""
+def _row_problems(path: str, data: DataConfig) -> list[str]:
+    """The first problem of each kind among the first rows: a wrong key name is one line, not
+    one per row; a row that does not parse ends the check."""
     out: list[str] = []
     seen: set[str] = set()
-
-    def once(kind: str, message: str) -> None:
-        if kind not in seen:
-            seen.add(kind)
-            out.append(f"data.train_path: {path}, {unit} {message}")
-
-    count = 0
-    for n, row in rows:
-        count += 1
-        if isinstance(row, str):  # a parse error: the rows after it are not read
-            out.append(f"data.train_path: {path}, {unit} {n}: {row}")
-            return out
-        for key, setting in ((data.prompt_key, "data.prompt_key"), (data.answer_key, "data.answer_key")):
-            if key not in row:
-                once(setting, f"{n}: missing key {key!r} ({setting}; present keys: {sorted(row)})")
-            elif row[key] is None:
-                once(setting, f"{n}: key {key!r} ({setting}) is null")
-        prompt = row.get(data.prompt_key)
-        if prompt is not None and not isinstance(prompt, str):
-            once("type", f"{n}: {data.prompt_key!r} must be a string, got {type(prompt).__name__}")
-    if count == 0 and not out:
+    unit, count = row_unit(path), 0
+    try:
+        for n, row in read_rows(path, limit=PROMPT_ROWS_CHECKED):
+            count += 1
+            for kind, message in row_problems(row, data.prompt_key, data.answer_key):
+                if kind not in seen:
+                    seen.add(kind)
+                    out.append(f"data.train_path: {path}, {unit} {n}: {message}")
+    except DataError as e:
+        out.append(f"data.train_path: {e}")
+        return out
+    if count == 0:
         out.append(f"data.train_path: {path} is empty (no records)")
     return out
-
-
-def _jsonl_head(path: str, limit: int) -> Iterator[tuple[int, Any]]:
-    """``(line number, object)`` of the first ``limit`` records, or ``(line, error text)``."""
-    with open(path, "rb") as f:
-        seen = 0
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, f"not valid UTF-8 ({e.reason})"
-                return
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, f"invalid JSON ({e.msg} at column {e.colno})"
-                return
-            if not isinstance(row, dict):
-                yield lineno, f"expected a JSON object, got {type(row).__name__}"
-                return
-            yield lineno, row
-            seen += 1
-            if seen == limit:
-                return
-
-
-def _parquet_head(path: str, limit: int) -> Iterator[tuple[int, Any]]:
-    """``(row number, dict)`` of the first ``limit`` rows, or ``(row, error text)``."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        yield 1, "reading a parquet file needs pyarrow (pip install pyarrow)"
-        return
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=limit)
-        batch = next(batches, None)
-    except Exception as e:  # pyarrow raises its own error types for a file that is not parquet
-        yield 1, f"not a readable parquet file ({type(e).__name__}: {e})"
-        return
-    if batch is None:
-        return
-    for rowno, row in enumerate(batch.to_pylist()[:limit], start=1):
-        yield rowno, row
 
 
 # ---- model folder ---------------------------------------------------------------------------

@@ -51,7 +51,9 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = ""
+    train_path: str = ""  # .jsonl, .json (JSON lines or one array) or .parquet
+    # a dotted key reaches a nested field (verl's layout: answer_key=reward_model.ground_truth);
+    # a prompt is a string, or a list of {role, content} messages rendered by the chat template
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     use_chat_template: Optional[bool] = None  # None: when the tokenizer has one

@@ -26,7 +26,7 @@ def _every_rank_errors() -> tuple:
     from megatron_cegppo.data.prompts import DataError
     from megatron_cegppo.platform import PlatformError
     from megatron_cegppo.tracking.run_lock import RunLockedError
-    from megatron_cegppo.trainer.loop import NonFiniteError
+    from megatron_cegppo.trainer.policy_update import NonFiniteError
 
     return ConfigError, CheckpointError, DataError, NonFiniteError, PlatformError, RunLockedError
 

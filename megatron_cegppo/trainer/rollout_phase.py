@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 from megatron_cegppo.algorithms.advantages import group_all_equal
 from megatron_cegppo.algorithms.dynamic_sampling import DynamicSampler
+from megatron_cegppo.config.schema import ModelConfig, RolloutConfig
 from megatron_cegppo.platform import current_platform
 from megatron_cegppo.rewards.registry import compute_rewards
-from megatron_cegppo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from megatron_cegppo.rollout.engine import Completion, EngineConfig, RolloutEngine, SamplingConfig
 from megatron_cegppo.rollout.exchange import SampledGroup, share_groups
 
 
@@ -29,6 +30,20 @@ class Group:
     # the responses' texts: only on the ranks whose engine generated them (they do not travel
     # between ranks; rewards are computed before the exchange)
     texts: list[str] = field(default_factory=list)
+
+
+def start_engine(model: ModelConfig, rollout: RolloutConfig, *, seed: int) -> RolloutEngine:
+    """This rank's vLLM engine, started without the folder's weights: they come from the
+    trainer's first push (the starting or the resumed ones)."""
+    return RolloutEngine(model.path, EngineConfig(
+        tensor_parallel_size=rollout.tensor_parallel, dtype=model.dtype, max_model_len=rollout.max_model_len,
+        kv_cache_bytes=rollout.kv_cache_bytes, gpu_memory_utilization=rollout.gpu_memory_utilization,
+        load_format="dummy"), seed=seed)
+
+
+def sampling_config(rollout: RolloutConfig) -> SamplingConfig:
+    return SamplingConfig(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p,
+                          max_tokens=rollout.max_tokens, stop=tuple(rollout.stop))
 
 
 def request_seed(seed: int, step: int, round_: int, prompt_index: int) -> int:

@@ -37,7 +37,7 @@ def _worker(rank, world):
     from megatron_cegppo.rollout.engine import Completion
     from megatron_cegppo.testing.collectives import CollectiveAudit, CollectiveDeviceError
     from megatron_cegppo.testing.tiny import tiny_gpt_config
-    from megatron_cegppo.trainer.loop import Trainer
+    from megatron_cegppo.trainer.stop_requests import StopRequests
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel()
@@ -74,9 +74,10 @@ def _worker(rank, world):
             norm = minibatch_loss_normalizer([m.loss_mask for m in micro], "token-mean",
                                              parallel_state.get_data_parallel_group())
             out["normalizer"] = str(norm.device)
-            trainer = SimpleNamespace(_stop_reason=lambda: "requested", layout=SimpleNamespace(platform=gpu, world=1))
+            stops = StopRequests(SimpleNamespace(platform=gpu, world=1, rank=0), run_dir="/nonexistent")
+            stops.requested = True
             try:
-                Trainer._stop_agreed(trainer)
+                stops.agreed()
             except DataDependentOutputException:
                 out["stop"] = "agreed"  # past its all-reduce; a fake flag has no value to read
             except CollectiveDeviceError as exc:

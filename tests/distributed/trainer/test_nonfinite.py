@@ -24,7 +24,7 @@ def contains_1(response: str, answer: str) -> float:
 def worker(rank, world, overrides, poisoned_calls):
     """The policy loss of the first ``poisoned_calls`` micro-batch calls is nan."""
     from megatron_cegppo.parallel import pipeline_loss
-    from megatron_cegppo.trainer.loop import NonFiniteError
+    from megatron_cegppo.trainer.policy_update import NonFiniteError
 
     upstream, calls = pipeline_loss._policy_loss_func, [0]
 

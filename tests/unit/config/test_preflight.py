@@ -135,7 +135,7 @@ def test_prompt_file_missing_folder_or_suffix(cfg, tmp_path):
     one_problem(file_problems(cfg), "data.train_path:", "is a folder, not a file")
     (tmp_path / "p.csv").write_text("prompt,answer\n")
     cfg.data.train_path = str(tmp_path / "p.csv")
-    one_problem(file_problems(cfg), "data.train_path:", "'.csv'", ".jsonl, .parquet")
+    one_problem(file_problems(cfg), "data.train_path:", "'.csv'", ".jsonl, .json, .parquet")
 
 
 @pytest.mark.parametrize("rows, parts", [
@@ -144,7 +144,7 @@ def test_prompt_file_missing_folder_or_suffix(cfg, tmp_path):
     ([{"prompt": "a", "answer": 1}, "", {"prompt": "b", "x": 1}],
      ["line 3: missing key 'answer'", "data.answer_key", "['prompt', 'x']"]),
     ([{"prompt": "a", "answer": None}], ["line 1: key 'answer' (data.answer_key) is null"]),
-    ([{"prompt": 5, "answer": 1}], ["line 1: 'prompt' must be a string, got int"]),
+    ([{"prompt": 5, "answer": 1}], ["line 1: 'prompt' must be a string or a list of chat messages, got int"]),
     ([], ["p.jsonl is empty"]),
 ])
 def test_prompt_rows(cfg, tmp_path, rows, parts):
@@ -187,7 +187,7 @@ def test_parquet(cfg, tmp_path):
     pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.int64())}), p)
     one_problem(file_problems(cfg), "p.parquet is empty")
     p.write_text("not parquet")
-    one_problem(file_problems(cfg), "p.parquet, row 1: not a readable parquet file")
+    one_problem(file_problems(cfg), "p.parquet: not a readable parquet file")
 
 
 # ---- model folder ---------------------------------------------------------------------------

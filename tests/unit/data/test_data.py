@@ -42,11 +42,11 @@ def test_parquet_round_trip(tmp_path):
 @pytest.mark.parametrize("text, pattern", [
     ('{"prompt": "a", "answer": 1}\n{"prompt": "b", "answer"\n', r"bad\.jsonl, line 2: invalid JSON"),
     ('{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "x": 1}\n',
-     r"bad\.jsonl, line 3: missing key 'answer' \(present keys: \['prompt', 'x'\]\)"),
-    ('{"answer": 1}\n', r"bad\.jsonl, line 1: missing key 'prompt' \(present keys: \['answer'\]\)"),
+     r"bad\.jsonl, line 3: missing key 'answer' \(data\.answer_key; present keys: \['prompt', 'x'\]\)"),
+    ('{"answer": 1}\n', r"bad\.jsonl, line 1: missing key 'prompt' \(data\.prompt_key; present keys: \['answer'\]\)"),
     ('[1, 2]\n', r"bad\.jsonl, line 1: expected a JSON object, got list"),
-    ('{"prompt": "a", "answer": null}\n', r"bad\.jsonl, line 1: key 'answer' is null"),
-    ('{"prompt": 5, "answer": 1}\n', r"bad\.jsonl, line 1: 'prompt' must be a string, got int"),
+    ('{"prompt": "a", "answer": null}\n', r"bad\.jsonl, line 1: key 'answer' \(data\.answer_key\) is null"),
+    ('{"prompt": 5, "answer": 1}\n', r"bad\.jsonl, line 1: 'prompt' must be a string or a list of chat messages, got int"),
     ("", r"bad\.jsonl: file is empty"),
     ("\n  \n", r"bad\.jsonl: file is empty"),
 ])
@@ -75,10 +75,10 @@ def test_parquet_errors(tmp_path):
 
     p = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"prompt": ["a"], "label": [1]}), p)
-    with pytest.raises(ValueError, match=r"bad\.parquet, row 1: missing key 'answer' \(present keys: \['label', 'prompt'\]\)"):
+    with pytest.raises(ValueError, match=r"bad\.parquet, row 1: missing key 'answer' \(data\.answer_key; present keys: \['label', 'prompt'\]\)"):
         load_prompts(p)
     pq.write_table(pa.table({"prompt": ["a", "b"], "answer": [1, None]}), p)
-    with pytest.raises(ValueError, match=r"bad\.parquet, row 2: key 'answer' is null"):
+    with pytest.raises(ValueError, match=r"bad\.parquet, row 2: key 'answer' \(data\.answer_key\) is null"):
         load_prompts(p)
     pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.int64())}), p)
     with pytest.raises(ValueError, match=r"bad\.parquet: file is empty"):
