@@ -88,6 +88,35 @@ def exit_with_parent(poll_s: float = POLL_S) -> bool:
     return True
 
 
+def exit_with_process(pid: int, poll_s: float = POLL_S) -> None:
+    """Makes this process exit, with its descendants, within about ``poll_s`` seconds of the
+    death of process ``pid``, which is not its parent: a process that a server forks on
+    someone's behalf (``multiprocessing``'s forkserver) has the server as its parent, and the
+    server lives on while any of its children holds its pipe, so neither would notice the
+    client's death. Combine with :func:`exit_with_parent` for the server's own death."""
+    import psutil
+
+    try:
+        born = psutil.Process(pid).create_time()  # a reused pid is another process
+    except psutil.Error:
+        _die(pid)
+        return
+
+    def alive() -> bool:
+        try:
+            p = psutil.Process(pid)
+            return p.create_time() == born and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll_s)
+        _die(pid)
+
+    threading.Thread(target=watch, name="lifeline-client", daemon=True).start()
+
+
 def _start_watchdog(parent: int, poll_s: float) -> None:
     t = threading.Thread(target=_watch, args=(parent, poll_s), name="lifeline", daemon=True)
     t.start()
@@ -106,7 +135,7 @@ def _die(parent: int) -> None:
         n = _kill_descendants()
     except Exception as e:  # noqa: BLE001 - exiting matters more than the count
         n = f"? ({e!r})"
-    msg = f"[lifeline] pid {os.getpid()}: parent {parent} exited; killed {n} descendant(s), exiting\n"
+    msg = f"[lifeline] pid {os.getpid()}: {parent} exited; killed {n} descendant(s), exiting\n"
     try:
         os.write(2, msg.encode())  # not sys.stderr: another thread may hold its lock
     except OSError:

@@ -55,16 +55,9 @@ def run(cmd, **kw):
     return p.returncode, p.stdout, p.stderr
 
 # ---- setup.py: install_requires + the [gpu] extra
-tree = ast.parse((root / "setup.py").read_text())
-consts, install_requires = {}, []
-for node in ast.walk(tree):
-    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-        try:
-            consts[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            pass
-    if isinstance(node, ast.keyword) and node.arg == "install_requires":
-        install_requires = ast.literal_eval(node.value)
+sys.path.insert(0, str(root / "scripts"))
+from setup_requirements import read_setup
+consts, install_requires = read_setup(root / "setup.py")
 gpu_extra = consts["GPU"]
 
 # ---- transformer-engine-torch: the sdist's declared requirements

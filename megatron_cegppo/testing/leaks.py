@@ -98,15 +98,21 @@ def _carries_token(p) -> bool:
 def runner_helpers() -> set[int]:
     """Pids of the helpers this process keeps for its whole life, each read from the module
     that owns it (never matched by name): multiprocessing's resource tracker, the math-verify
-    worker (reused across calls by design), and the Manager that serves dist_checkpointing's
-    results queue (one per process, made on its first save)."""
-    pids = {_tracker_pid(), _math_worker_pid(), _results_manager_pid()}
+    worker (reused across calls by design), the Manager that serves dist_checkpointing's
+    results queue (one per process, made on its first save), and the forkserver the parallel
+    tests' ranks are forked from (:mod:`megatron_cegppo.testing.multiprocess`)."""
+    pids = {_tracker_pid(), _math_worker_pid(), _results_manager_pid(), _forkserver_pid()}
     return {p for p in pids if p}
 
 
 def _tracker_pid():
     tracker = sys.modules.get("multiprocessing.resource_tracker")
     return getattr(getattr(tracker, "_resource_tracker", None), "_pid", None)
+
+
+def _forkserver_pid():
+    module = sys.modules.get("multiprocessing.forkserver")
+    return getattr(getattr(module, "_forkserver", None), "_forkserver_pid", None)
 
 
 def _math_worker_pid():

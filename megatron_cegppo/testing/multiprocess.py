@@ -3,6 +3,12 @@
 Used by the parallel tests: each rank runs ``fn(rank, world_size, *args)`` after
 ``torch.distributed.init_process_group("gloo")``; the parent gets every rank's return value
 (anything ``torch.save`` can write), or one error carrying the failing ranks' tracebacks.
+
+The ranks are forked from a forkserver that has imported torch and megatron-core once (a
+fresh interpreter importing them takes 10-20 s on two busy cores, per rank, per test). Each
+rank is still a new process with a pristine megatron (nothing is patched or initialised in
+the server); it takes the caller's environment of the moment and writes its output to a file
+that the caller prints, so a test's captured output holds its ranks' output.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import io
 import os
 import queue as queue_mod
 import socket
+import sys
+import tempfile
 import traceback
 from typing import Any, Callable
 
@@ -35,15 +43,40 @@ def _deserialize(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _worker(fn, rank, world_size, port, args, results, threads):
+# imported once in the forkserver; nothing here may patch or initialise anything at import
+PRELOAD = ("torch", "torch.distributed", "megatron.core.parallel_state", "megatron.core.tensor_parallel",
+           "megatron.core.models.gpt", "megatron.core.distributed", "megatron.core.optimizer",
+           "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing", "transformers")
+_CONTEXT = None
+
+
+def _context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = mp.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(list(PRELOAD))
+    return _CONTEXT
+
+
+def _worker(fn, rank, world_size, port, args, results, threads, environ, log_path, caller):
+    # the forkserver's environment is the one of its start; the caller's is the one that counts
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
     )
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
     torch.set_num_threads(threads)
-    from megatron_cegppo.lifeline import exit_with_parent
+    from megatron_cegppo.lifeline import exit_with_parent, exit_with_process
 
-    exit_with_parent()  # a killed test runner takes its ranks with it
+    # a killed test runner takes its ranks with it (their parent is the forkserver, which
+    # lives on while they hold its pipe), and so does a dead forkserver
+    exit_with_process(caller)
+    exit_with_parent()
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
@@ -55,23 +88,38 @@ def _worker(fn, rank, world_size, port, args, results, threads):
             dist.destroy_process_group()
 
 
+def _print_and_remove(path: str) -> None:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+        os.unlink(path)
+    except OSError:
+        return
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
 def run_distributed(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0
 ) -> list[Any]:
     """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; returns the
     per-rank results in rank order. ``fn`` must be importable (a module-level function)."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="cegppo-ranks-", suffix=".log", delete=False)
+    log.close()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results, threads))
+        ctx.Process(target=_worker,
+                    args=(fn, r, world_size, port, args, results, threads, dict(os.environ), log.name, os.getpid()))
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
     try:
+        for p in procs:
+            p.start()
         while len(outcomes) < world_size:
             try:
                 rank, ok, payload = results.get(timeout=timeout)
@@ -85,10 +133,13 @@ def run_distributed(
                 break  # the other ranks may be blocked in a collective with the failed one
     finally:
         for p in procs:
+            if p.pid is None:
+                continue  # never started
             p.join(timeout=5 if len(outcomes) == world_size else 1)
             if p.is_alive():
                 p.kill()
                 p.join()
+        _print_and_remove(log.name)
     failures = {r: tb for r, (ok, tb) in outcomes.items() if not ok}
     if failures:
         report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))

@@ -3,10 +3,10 @@
 No network, no GPU: parses setup.py and the install script, and runs `bash -n` / `--print-pins`.
 """
 
-import ast
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,21 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "setup.py"
 INSTALL = ROOT / "scripts" / "install_gpu.sh"
 CHECK = ROOT / "scripts" / "check_gpu_pins.sh"
+sys.path.insert(0, str(ROOT / "scripts"))
+from setup_requirements import read_setup  # noqa: E402
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
 def _setup_lists():
-    tree = ast.parse(SETUP.read_text())
-    consts, install_requires = {}, None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                consts[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-        if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            install_requires = ast.literal_eval(node.value)
+    consts, install_requires = read_setup(SETUP)
     return consts["GPU"], consts["CPU"], install_requires
 
 
