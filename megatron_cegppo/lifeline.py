@@ -99,7 +99,7 @@ def exit_with_process(pid: int, poll_s: float = POLL_S) -> None:
     try:
         born = psutil.Process(pid).create_time()  # a reused pid is another process
     except psutil.Error:
-        _die(pid)
+        _die(pid, "process")
         return
 
     def alive() -> bool:
@@ -112,7 +112,7 @@ def exit_with_process(pid: int, poll_s: float = POLL_S) -> None:
     def watch() -> None:
         while alive():
             time.sleep(poll_s)
-        _die(pid)
+        _die(pid, "process")
 
     threading.Thread(target=watch, name="lifeline-client", daemon=True).start()
 
@@ -128,14 +128,14 @@ def _watch(parent: int, poll_s: float) -> None:
     _die(parent)
 
 
-def _die(parent: int) -> None:
+def _die(parent: int, what: str = "parent") -> None:
     """The parent is gone: descendants first (they may be stuck or have no lifeline of their
     own), then this process, without cleanup (nobody waits for it; handlers could block)."""
     try:
         n = _kill_descendants()
     except Exception as e:  # noqa: BLE001 - exiting matters more than the count
         n = f"? ({e!r})"
-    msg = f"[lifeline] pid {os.getpid()}: {parent} exited; killed {n} descendant(s), exiting\n"
+    msg = f"[lifeline] pid {os.getpid()}: {what} {parent} exited; killed {n} descendant(s), exiting\n"
     try:
         os.write(2, msg.encode())  # not sys.stderr: another thread may hold its lock
     except OSError:
