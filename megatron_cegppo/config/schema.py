@@ -11,6 +11,7 @@ from typing import Optional
 RECOMPUTE_MODES = ("none", "selective", "full")
 DEVICE_SETTINGS = ("auto", "cuda", "cpu")
 TRUNCATION_MODES = ("error", "left", "right")
+SHORT_BATCH_MODES = ("fill", "shrink")
 
 
 @dataclass
@@ -68,7 +69,9 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "math"  # a registered reward: math | arithmetic | your own
+    # a registered reward: math (1 / 0 on the last \boxed{} answer) | math_signed (+1 / -1,
+    # math-verify on the whole response: the authors') | arithmetic | your own
+    name: str = "math"
 
 
 @dataclass
@@ -83,8 +86,16 @@ class AlgorithmConfig:
     normalize_advantage_std: bool = True  # GRPO; False: Dr. GRPO
     dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal
     max_sampling_rounds: int = 3
-    prompts_per_step: int = 32
-    minibatches: int = 2  # optimizer steps per training step (per epoch)
+    prompts_per_step: int = 32  # groups trained per step (at most, with short_batch=shrink)
+    # prompts generated per sampling round (dynamic sampling); default: prompts_per_step. The
+    # authors generate 256 to train 128 (gen_batch_size)
+    prompts_per_round: Optional[int] = None
+    # fewer groups kept than prompts_per_step after max_sampling_rounds: fill (the batch is
+    # topped up with dropped, zero-advantage groups) | shrink (the authors': train on the kept
+    # groups, cut to whole mini-batches of prompts_per_step / minibatches groups, so the step
+    # takes fewer optimizer steps; below one mini-batch, one is filled)
+    short_batch: str = "fill"
+    minibatches: int = 2  # optimizer steps per training step (per epoch), of a full batch
     epochs: int = 1
     micro_batch_size: int = 8  # sequences per micro-batch per data-parallel rank (unpacked)
     # set: sequences packed into micro-batches of this many tokens (no sequence split, none
@@ -93,6 +104,10 @@ class AlgorithmConfig:
     max_tokens_per_microbatch: Optional[int] = None
     entropy_coeff: float = 0.0
     kl_coeff: float = 0.0  # reference-model KL (off in the paper)
+    # > 0 adds this x the negative log-likelihood of the tokens of correct responses (reward
+    # equal to the reward's correct score), aggregated in loss_agg_mode over those responses
+    # of the mini-batch; the authors' scripts use 0.1 (positive_loss_coeff)
+    positive_loss_coeff: float = 0.0
     tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine
 
 

@@ -11,7 +11,9 @@ from dataclasses import fields
 from typing import Any, Callable, NamedTuple, Optional
 
 from megatron_cegppo.config.errors import ConfigError
-from megatron_cegppo.config.schema import DEVICE_SETTINGS, RECOMPUTE_MODES, TRUNCATION_MODES, Config
+from megatron_cegppo.config.schema import (
+    DEVICE_SETTINGS, RECOMPUTE_MODES, SHORT_BATCH_MODES, TRUNCATION_MODES, Config,
+)
 from megatron_cegppo.losses.names import LOGPROB_IMPLS, LOSS_AGG_MODES, LOSS_NAMES  # torch-free
 _SEED_LIMIT = 2**32  # the trainer seeds numpy's global generator, which takes 32 bits
 
@@ -101,12 +103,15 @@ RULES: dict[str, Rule] = {
     "algorithm.loss_agg_mode": one_of(LOSS_AGG_MODES),
     "algorithm.max_sampling_rounds": at_least(1),
     "algorithm.prompts_per_step": at_least(1),
+    "algorithm.prompts_per_round": optional(at_least(1)),
+    "algorithm.short_batch": one_of(SHORT_BATCH_MODES),
     "algorithm.minibatches": at_least(1),
     "algorithm.epochs": at_least(1),
     "algorithm.micro_batch_size": at_least(1),
     "algorithm.max_tokens_per_microbatch": optional(at_least(1)),
     "algorithm.entropy_coeff": no_less(0),
     "algorithm.kl_coeff": no_less(0),
+    "algorithm.positive_loss_coeff": no_less(0),
     "algorithm.tis_cap": optional(above(0)),
     "optim.lr": above(0),
     "optim.min_lr": no_less(0),
@@ -217,6 +222,10 @@ def _batch_problems(cfg: Config, ok) -> list[str]:
         out.append(f"rollout.n must be >= 2 for group advantages (algorithm.dynamic_sampling), got {r.n}")
     if ok("algorithm.prompts_per_step", "algorithm.minibatches") and a.prompts_per_step % a.minibatches:
         out.append(f"algorithm.prompts_per_step {a.prompts_per_step} must divide into {a.minibatches} mini-batches")
+    elif (ok("algorithm.prompts_per_step", "algorithm.minibatches", "algorithm.prompts_per_round")
+          and a.prompts_per_round is not None and a.prompts_per_round < a.prompts_per_step // a.minibatches):
+        out.append(f"algorithm.prompts_per_round={a.prompts_per_round} is less than one mini-batch of "
+                   f"{a.prompts_per_step // a.minibatches} groups (algorithm.prompts_per_step / minibatches)")
     return out
 
 

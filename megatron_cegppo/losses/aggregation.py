@@ -89,6 +89,13 @@ def aggregate_loss(
     * ``seq-mean-token-sum-norm``: ``sum(loss over valid tokens) / (batch * L)`` (Dr. GRPO:
       a constant denominator, so no length bias).
 
+    Beside verl's ``agg_loss`` (which aggregates each micro-batch alone and averages the
+    micro-batches): token-mean is equal only when every micro-batch holds as many tokens;
+    seq-mean-token-sum is verl's x (non-empty / all sequences); seq-mean-token-mean is equal
+    without empty responses (verl: nan); seq-mean-token-sum-norm is verl's / micro-batch size
+    (verl divides each micro-batch by ``L``, not by ``batch * L``). Here none depends on the
+    micro-batch size; ``tests/unit/losses/test_verl_factors.py`` checks each factor.
+
     ``normalizer`` (number or 0-dim tensor > 0) replaces the computed denominator; use the
     mini-batch-wide :func:`loss_normalizer` so that micro-batch losses sum to the
     mini-batch loss.  A numeric ``normalizer`` is range-checked here; the value of a tensor

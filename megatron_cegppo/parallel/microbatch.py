@@ -10,7 +10,7 @@ Two layouts of the same sequences:
   positions, which are unchanged inside a block) or megatron's THD ``packed_seq_params``
   (transformer-engine attention, RoPE restarting at each ``cu_seqlens`` boundary);
 - the loss's: ``loss_mask``, ``advantages``, ``rollout_log_prob``, ``old_log_prob``,
-  ``ref_log_prob`` of ``[sequences, seq_len]``, one row per sequence, as the losses and their
+  ``ref_log_prob`` of ``[sequences, seq_len]`` (and ``positive`` of ``[sequences]``), one row per sequence, as the losses and their
   aggregation modes define them. ``unpack_index`` maps the model's per-token outputs into it.
 
 Position ``t`` of a loss row scores ``labels`` at the model position ``unpack_index[row, t]``
@@ -36,6 +36,10 @@ class MicroBatch:
     old_log_prob: Optional[torch.Tensor] = None
     ref_log_prob: Optional[torch.Tensor] = None
     loss_normalizer: Optional[torch.Tensor] = None  # 0-dim, the whole mini-batch's denominator
+    # [sequences] bool: the responses judged correct (the positive-sample NLL term), and that
+    # term's mini-batch-wide denominator (over the positive sequences only)
+    positive: Optional[torch.Tensor] = None
+    positive_normalizer: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None  # [1, 1, T, T] bool, True = masked out
     packed_seq_params: Any = None  # megatron.core.packed_seq_params.PackedSeqParams
     unpack_index: Optional[torch.Tensor] = None  # [sequences, seq_len] long, -1 where no token

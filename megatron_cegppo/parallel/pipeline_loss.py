@@ -56,6 +56,10 @@ class PolicyLossSpec:
     # > 0 adds kl_coeff * KL(policy || reference) from batch["ref_log_prob"] (off in the paper)
     kl_coeff: float = 0.0
     kl_kind: str = "k3"  # k1 | k2 | k3, see losses.kl.kl_penalty
+    # > 0 adds positive_loss_coeff * the NLL of the tokens of correct responses
+    # (batch["positive"]), aggregated in loss_agg_mode over those responses
+    # (batch["positive_normalizer"]): the CE-GPPO authors' recipe uses 0.1
+    positive_loss_coeff: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("policy loss", self.loss, sorted(LOSS_NAMES))
@@ -79,6 +83,16 @@ def minibatch_loss_normalizer(
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     return total.clamp(min=1.0)
+
+
+def positive_loss_normalizer(micro: Iterable[MicroBatch], loss_agg_mode: str, dp_group=None) -> torch.Tensor:
+    """The denominator of the positive-sample NLL term over a whole mini-batch: the loss's
+    own mode over the correct responses only (their tokens, their number, or their number x
+    length), as if they were a batch of their own."""
+    micro = [as_microbatch(m) for m in micro]
+    if any(m.positive is None for m in micro):
+        raise ValueError("the positive-sample NLL term needs every micro-batch's 'positive' flags")
+    return minibatch_loss_normalizer([m.loss_mask[m.positive.bool()] for m in micro], loss_agg_mode, dp_group)
 
 
 def _tp_group(core: torch.nn.Module):
@@ -167,6 +181,14 @@ def _policy_loss_func(spec: PolicyLossSpec, batch: MicroBatch, core, scale: floa
         kl = kl_penalty(log_prob, batch.ref_log_prob, kind=spec.kl_kind)
         loss = loss + spec.kl_coeff * aggregate_loss(kl, mask, spec.loss_agg_mode, normalizer=batch.loss_normalizer)
         metrics["kl_ref"] = masked_mean(kl.detach(), mask)
+    if spec.positive_loss_coeff:
+        if batch.positive is None or batch.positive_normalizer is None:
+            raise ValueError("positive_loss_coeff > 0 needs the micro-batch's 'positive' flags and "
+                             "'positive_normalizer' (positive_loss_normalizer)")
+        positive = mask & batch.positive.bool()[:, None]
+        nll = aggregate_loss(-log_prob, positive, spec.loss_agg_mode, normalizer=batch.positive_normalizer)
+        loss = loss + spec.positive_loss_coeff * nll
+        metrics["positive_nll"] = nll.detach()  # this micro-batch's share, like "loss"
     metrics["loss"] = loss.detach()
     metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return loss * scale, metrics
@@ -211,10 +233,14 @@ def make_logprob_forward_step(spec: PolicyLossSpec) -> Callable:
     return forward_step
 
 
+# shares of a mini-batch total, or counts: summed over micro-batches and ranks
+SUMMED_METRICS = ("loss", "num_tokens", "positive_nll")
+
+
 def reduce_microbatch_metrics(stores: list[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-    """Combines the per-micro-batch metric dicts the schedule returns: ``loss`` is summed
-    (each is a share of the mini-batch loss), ``*_clipped`` counts and ``num_tokens`` are
-    summed, ``*_max`` maximised, every other metric is averaged weighted by its micro-batch's
+    """Combines the per-micro-batch metric dicts the schedule returns: ``loss`` and
+    ``positive_nll`` are summed (each is a share of a mini-batch total), ``*_clipped`` counts
+    and ``num_tokens`` are summed, ``*_max`` maximised, every other metric is averaged weighted by its micro-batch's
     ``num_tokens``. The same rules combine data-parallel ranks' reduced metrics."""
     if not stores:
         return {}
@@ -223,7 +249,7 @@ def reduce_microbatch_metrics(stores: list[Mapping[str, torch.Tensor]]) -> dict[
     out: dict[str, float] = {}
     for key in stores[0]:
         values = [float(s[key]) for s in stores]
-        if key in ("loss", "num_tokens") or key.endswith("_clipped"):
+        if key in SUMMED_METRICS or key.endswith("_clipped"):
             out[key] = sum(values)
         elif key.endswith("_max"):
             out[key] = max(values)

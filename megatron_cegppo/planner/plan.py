@@ -223,8 +223,10 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
         stages.append(StageMemory(stage=stage, params=state.params, grads=state.grads, optimizer=state.optimizer,
                                   activations=acts, head=head, reference=reference))
     gen = generation_memory(arch, rollout_tp=r.tensor_parallel, world_size=world, gpu_memory=int(c.gpu_memory_gib * GIB),
-                            gpu_memory_utilization=r.gpu_memory_utilization, prompts_per_step=a.prompts_per_step,
-                            n=r.n, max_model_len=r.max_model_len)
+                            gpu_memory_utilization=r.gpu_memory_utilization,
+                            # the prompts of one sampling round are generated at once
+                            prompts_per_step=(a.prompts_per_round or a.prompts_per_step) if a.dynamic_sampling
+                            else a.prompts_per_step, n=r.n, max_model_len=r.max_model_len)
     return Plan(arch=arch, nodes=nodes, gpus_per_node=c.gpus_per_node, gpu_memory=int(c.gpu_memory_gib * GIB),
                 tp=tp, pp=pp, dp=dp, vpp=p.virtual_pipeline, rollout_tp=r.tensor_parallel, sequence_parallel=p.sequence_parallel,
                 recompute=p.recompute, logprob_impl=cfg.model.logprob_impl, micro_batch=mbs, seq_len=seq,

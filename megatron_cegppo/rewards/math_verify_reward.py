@@ -71,8 +71,25 @@ def _check(pred: str, answer: str, lib_timeout: int) -> bool:
     return bool(gold and guess and verify(gold, guess, timeout_seconds=lib_timeout))
 
 
-# What the child runs for math_reward, as "module:function" (a string so it crosses the pipe).
+def _check_whole(response: str, answer: str, lib_timeout: int) -> bool:
+    """Runs in the child: True when math-verify's extraction from the whole ``response`` (its
+    default targets: boxed and plain LaTeX, then expressions) is ``answer``, as a string or
+    mathematically. The CE-GPPO authors' scoring (``math_verify_from_sky`` in their
+    verl fork's ``reward_score/math_dapo.py``)."""
+    from math_verify import parse, verify
+
+    guess = parse(response, parsing_timeout=lib_timeout)
+    if len(guess) < 2:
+        return False
+    if guess[1] == answer:
+        return True
+    gold = parse("\\boxed{" + answer + "}", parsing_timeout=lib_timeout)
+    return bool(gold and verify(gold, guess, timeout_seconds=lib_timeout))
+
+
+# What the child runs for each reward, as "module:function" (a string so it crosses the pipe).
 _CHECK_TARGET = f"{__name__}:_check"
+_CHECK_WHOLE_TARGET = f"{__name__}:_check_whole"
 
 
 class WorkerLost(RuntimeError):
@@ -229,3 +246,25 @@ def math_reward(response: str, answer: str, *, timeout_s: float = 5.0) -> float:
         logger.warning("math_reward: %s, scored 0.0 (answer %.80r)", e, pred)
         return 0.0
     return 1.0 if ok is True else 0.0
+
+
+# Whole responses are long (16k tokens are ~60k characters); longer text is scored incorrect
+# without calling sympy.
+MAX_RESPONSE_CHARS = 400_000
+
+
+def math_signed_reward(response: str, answer: str, *, timeout_s: float = 5.0) -> float:
+    """+1.0 when math-verify finds ``answer`` in the whole ``response``, else -1.0 (also for no
+    answer, garbage, or a check that overruns ``timeout_s``): the CE-GPPO authors' reward."""
+    if not isinstance(response, str) or not response.strip() or len(response) > MAX_RESPONSE_CHARS:
+        return -1.0
+    lib_timeout = max(1, int(timeout_s / 3))
+    try:
+        ok = call_bounded(_CHECK_WHOLE_TARGET, (response, str(answer), lib_timeout), timeout_s)
+    except TimeoutError:
+        logger.warning("math_signed_reward: check exceeded %.1fs, scored -1.0", timeout_s)
+        return -1.0
+    except (WorkerLost, RemoteError) as e:
+        logger.warning("math_signed_reward: %s, scored -1.0", e)
+        return -1.0
+    return 1.0 if ok is True else -1.0

@@ -6,24 +6,33 @@ import math
 import warnings
 from typing import Callable, Dict, List, Sequence
 
-from .math_verify_reward import math_reward
+from .math_verify_reward import math_reward, math_signed_reward
 from .synthetic import arithmetic_reward
 
 RewardFn = Callable[[str, str], float]  # (response, answer) -> reward
 
 _REWARDS: Dict[str, RewardFn] = {}
+_CORRECT: Dict[str, float] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering ``fn`` under ``name``; a name cannot be taken twice."""
+def register_reward(name: str, *, correct_score: float = 1.0) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering ``fn`` under ``name``; a name cannot be taken twice.
+    ``correct_score``: the reward of a correct response (accuracy, the positive-sample NLL)."""
 
     def decorator(fn: RewardFn) -> RewardFn:
         if name in _REWARDS and _REWARDS[name] is not fn:
             raise ValueError(f"reward {name!r} is already registered ({_REWARDS[name]!r})")
         _REWARDS[name] = fn
+        _CORRECT[name] = float(correct_score)
         return fn
 
     return decorator
+
+
+def reward_correct_score(name: str) -> float:
+    """The reward ``name`` gives a correct response."""
+    get_reward(name)  # an unknown name: the one message that lists the registered ones
+    return _CORRECT[name]
 
 
 def get_reward(name: str) -> RewardFn:
@@ -64,5 +73,6 @@ def compute_rewards(name: str, responses: Sequence[str], answers: Sequence[str])
     return rewards
 
 
-register_reward("math")(math_reward)
+register_reward("math")(math_reward)  # 1 / 0 on the last \boxed{} answer
+register_reward("math_signed")(math_signed_reward)  # +1 / -1 on the whole response (the authors')
 register_reward("arithmetic")(arithmetic_reward)

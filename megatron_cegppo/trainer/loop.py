@@ -21,7 +21,9 @@ from megatron_cegppo.trainer.policy import build_policy
 from megatron_cegppo.trainer.policy_update import NonFiniteError, PolicyUpdate
 from megatron_cegppo.trainer.run_directory import lock_run_dir, prepare_for_start
 from megatron_cegppo.trainer.step_metrics import step_metrics
-from megatron_cegppo.trainer.step_phases import StepRollout, compute_advantages, pack_minibatches, recompute_log_probs
+from megatron_cegppo.trainer.step_phases import (
+    StepRollout, compute_advantages, groups_per_minibatch, pack_minibatches, recompute_log_probs,
+)
 from megatron_cegppo.trainer.stop_requests import StepAbandoned, StopRequests
 from megatron_cegppo.trainer.stopping import StopClock, load_timing, save_timing, write_stopped_marker
 
@@ -51,6 +53,7 @@ class Trainer:
 
         from megatron_cegppo.data.prompts import load_training_prompts
         from megatron_cegppo.data.sampler import ShuffledSampler
+        from megatron_cegppo.rewards.registry import reward_correct_score
         from megatron_cegppo.trainer.rollout_phase import RolloutPhase, sampling_config, start_engine
 
         self.cfg = cfg
@@ -71,6 +74,7 @@ class Trainer:
         # generation: the engine first, as vLLM reseeds the global RNG (megatron's is seeded after)
         self.engine = engine if engine is not None else start_engine(cfg.model, cfg.rollout, seed=cfg.trainer.seed)
         self.sampling = sampling_config(cfg.rollout)
+        self.correct_score = reward_correct_score(cfg.reward.name)
         self.rollout = RolloutPhase(self.engine, self.layout, self.prompts, reward=cfg.reward.name,
                                     sampling=self.sampling, seed=cfg.trainer.seed)
 
@@ -115,11 +119,13 @@ class Trainer:
         with timer.phase("generate"):  # each response scored as it comes, for dynamic sampling
             groups, seen_rewards, sampling_stats = self.rollout.collect(
                 self.sampler, step=step, num_prompts=a.prompts_per_step, dynamic=a.dynamic_sampling,
-                max_rounds=a.max_sampling_rounds)
+                max_rounds=a.max_sampling_rounds, per_round=a.prompts_per_round,
+                shrink_to=groups_per_minibatch(a) if a.short_batch == "shrink" else None)
             self.engine.sleep()  # GPU: frees vLLM's memory for training; a no-op on the CPU
         self.stops.abandon_if_preempted(step)
         with timer.phase("advantages"):
-            rollout = compute_advantages(groups, group_size=self.sampling.n, algorithm=a, layout=L)
+            rollout = compute_advantages(groups, group_size=self.sampling.n, algorithm=a, layout=L,
+                                         correct_score=self.correct_score)
         with timer.phase("pack"):
             minibatches = pack_minibatches(rollout, algorithm=a, layout=L, pad_id=self.pad_id,
                                            virtual_pipeline=bool(self.cfg.parallel.virtual_pipeline))
@@ -133,7 +139,8 @@ class Trainer:
         return step_metrics(L, rollout, minibatches, update, mismatch=mismatch, seen_rewards=seen_rewards,
                             sampling_stats=sampling_stats, lr=self.optimizer.param_groups[0]["lr"],
                             nonfinite_skipped=self.update.nonfinite_skipped,
-                            forward_passes=1 + (self.reference is not None) + a.epochs)
+                            forward_passes=1 + (self.reference is not None) + a.epochs,
+                            correct_score=self.correct_score)
 
     def push_weights(self) -> None:
         """Megatron's weights into vLLM, bucket by bucket."""

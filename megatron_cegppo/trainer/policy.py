@@ -95,6 +95,7 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, algorithm: Al
     a = algorithm
     spec = PolicyLossSpec(loss=a.loss, loss_kwargs=loss_kwargs(a.loss, a), loss_agg_mode=a.loss_agg_mode,
                           temperature=temperature, vocab_size=arch.vocab_size, logprob_impl=model_cfg.logprob_impl,
-                          entropy_coeff=a.entropy_coeff, kl_coeff=a.kl_coeff)
+                          entropy_coeff=a.entropy_coeff, kl_coeff=a.kl_coeff,
+                          positive_loss_coeff=a.positive_loss_coeff)
     return Policy(arch=arch, tconfig=tconfig, model=model, optimizer=build_optimizer(optim, model, bf16=bf16),
                   reference=reference, spec=spec)

@@ -36,7 +36,9 @@ class PolicyUpdate:
         self.consecutive_nonfinite = 0
 
     def __call__(self, policy, minibatches: list) -> UpdateResult:
-        from megatron_cegppo.parallel.pipeline_loss import make_policy_forward_step, minibatch_loss_normalizer
+        from megatron_cegppo.parallel.pipeline_loss import (
+            make_policy_forward_step, minibatch_loss_normalizer, positive_loss_normalizer,
+        )
         from megatron_cegppo.trainer.optim import learning_rate, set_learning_rate
 
         a, L = self.algorithm, self.layout
@@ -44,8 +46,10 @@ class PolicyUpdate:
         for _ in range(a.epochs):
             for micro in minibatches:
                 norm = minibatch_loss_normalizer([m.loss_mask for m in micro], a.loss_agg_mode, L.dp_group)
+                positive = (positive_loss_normalizer(micro, a.loss_agg_mode, L.dp_group)
+                            if a.positive_loss_coeff else None)
                 for m in micro:
-                    m.loss_normalizer = norm
+                    m.loss_normalizer, m.positive_normalizer = norm, positive
                 set_learning_rate(policy.optimizer,
                                   learning_rate(self.optim, self.optimizer_steps, self.total_optimizer_steps))
                 forward_step = make_policy_forward_step(policy.spec, num_microbatches=len(micro), dp_world_size=L.dp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,12 +100,15 @@ class RolloutPhase:
                                 s.completions, s.rewards, list(texts)))
         return result
 
-    def collect(self, sampler, *, step: int, num_prompts: int, dynamic: bool, max_rounds: int):
+    def collect(self, sampler, *, step: int, num_prompts: int, dynamic: bool, max_rounds: int,
+                per_round: Optional[int] = None, shrink_to: Optional[int] = None):
         """``num_prompts`` groups for training, the rewards of every response sampled, and
-        sampling statistics. With dynamic sampling,
-        groups whose rewards are all equal are replaced by new prompts for up to
-        ``max_rounds`` rounds; a batch still short then is filled with such groups (they add
-        no gradient: their advantages are 0)."""
+        sampling statistics. With dynamic sampling, ``per_round`` prompts (default
+        ``num_prompts``) are generated per round and groups whose rewards are all equal are
+        dropped, for up to ``max_rounds`` rounds; a batch still short then is filled with
+        such groups (they add no gradient: their advantages are 0), or, with ``shrink_to``
+        (groups per mini-batch), cut to whole mini-batches of the kept groups (one mini-batch
+        filled when fewer are kept)."""
         seen: list[float] = []  # every sampled response's reward: the policy's accuracy
         if not dynamic:
             groups = self._generate(sampler.next_batch(num_prompts), step, 0)
@@ -125,11 +128,18 @@ class RolloutPhase:
             return groups, rewards
 
         result = DynamicSampler(generate, target_groups=num_prompts, group_size=self.sampling.n,
-                                max_rounds=max_rounds).sample()
-        groups = list(result.records) + dropped[: result.shortfall]
+                                max_rounds=max_rounds, groups_per_round=per_round or num_prompts).sample()
+        kept = list(result.records)
+        if shrink_to is None:
+            groups = kept + dropped[: result.shortfall]
+        elif len(kept) < shrink_to:
+            groups = kept + dropped[: shrink_to - len(kept)]
+        else:
+            groups = kept[: len(kept) // shrink_to * shrink_to]
         stats = {
             "sampling/rounds": result.rounds,
             "sampling/kept_frac": result.kept_groups / max(1, result.generated_groups),
-            "sampling/filled_groups": result.shortfall,
+            "sampling/filled_groups": max(0, len(groups) - len(kept)),
+            "sampling/trained_groups": len(groups),
         }
         return groups, seen, stats

@@ -40,7 +40,7 @@ def merge_across_ranks(layout: Layout, local: dict, common: dict) -> dict:
 
 def step_metrics(layout: Layout, rollout: StepRollout, minibatches: MiniBatches, update: UpdateResult, *,
                  mismatch: dict, seen_rewards: list, sampling_stats: dict, lr: float, nonfinite_skipped: int,
-                 forward_passes: int) -> dict:
+                 forward_passes: int, correct_score: float) -> dict:
     from megatron_cegppo.parallel.pipeline_loss import reduce_microbatch_metrics
 
     local = dict(reduce_microbatch_metrics(update.stores)) if update.stores else {}
@@ -48,6 +48,8 @@ def step_metrics(layout: Layout, rollout: StepRollout, minibatches: MiniBatches,
     lengths = [len(c.token_ids) for c in rollout.completions]
     common = {
         "reward_mean": float(np.mean(seen_rewards)),
+        # every sampled response's: the policy's accuracy whatever the reward's scale
+        "accuracy": float(np.mean(np.asarray(seen_rewards) == correct_score)),
         "reward_mean_trained": float(rollout.rewards.mean()),
         "response_length_mean": float(np.mean(lengths)),
         "grad_norm": float(np.mean(update.grad_norms)) if update.grad_norms else 0.0,

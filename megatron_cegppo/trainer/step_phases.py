@@ -24,6 +24,7 @@ class StepRollout:
     prompts: dict  # prompt index -> token ids
     rewards: torch.Tensor  # [groups, n]
     advantages: torch.Tensor  # [completions]
+    positive: torch.Tensor  # [completions] bool: reward equal to the reward's correct score
     seq_len: int  # the longest prompt + response, label-aligned, padded to 8 x TP
 
     def length(self, i: int) -> int:
@@ -32,19 +33,27 @@ class StepRollout:
         return len(self.prompts[c.prompt_index]) + len(c.token_ids) - 1
 
 
+def groups_per_minibatch(algorithm: AlgorithmConfig) -> int:
+    """The groups of one mini-batch: a full step's share (a shrunk step has fewer mini-batches
+    of this size, not smaller ones)."""
+    return algorithm.prompts_per_step // algorithm.minibatches
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def compute_advantages(groups, *, group_size: int, algorithm: AlgorithmConfig, layout: Layout) -> StepRollout:
-    """GRPO advantages of the step's groups (``group_size`` responses each)."""
+def compute_advantages(groups, *, group_size: int, algorithm: AlgorithmConfig, layout: Layout,
+                       correct_score: float) -> StepRollout:
+    """GRPO advantages of the step's groups (``group_size`` responses each); a response is
+    positive when its reward is ``correct_score``."""
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
     completions = [c for g in groups for c in g.completions]
     prompts = {g.prompt_index: g.prompt_ids for g in groups}
     longest = max(len(prompts[c.prompt_index]) + len(c.token_ids) for c in completions) - 1
     return StepRollout(completions=completions, prompts=prompts, rewards=rewards,
                        advantages=grpo_advantages(rewards, group_size, normalize_std=algorithm.normalize_advantage_std),
-                       seq_len=_round_up(longest, 8 * layout.tp))
+                       positive=(rewards == correct_score).reshape(-1), seq_len=_round_up(longest, 8 * layout.tp))
 
 
 def pack_minibatches(rollout: StepRollout, *, algorithm: AlgorithmConfig, layout: Layout, pad_id: int,
@@ -59,16 +68,17 @@ def pack_minibatches(rollout: StepRollout, *, algorithm: AlgorithmConfig, layout
 
     a, L = algorithm, layout
     common = dict(pad_id=pad_id, seq_len=rollout.seq_len, place=L.platform.place)
-    per_mb = len(rollout.completions) // a.minibatches
+    count = max(1, int(rollout.rewards.shape[0]) // groups_per_minibatch(a))
+    per_mb = len(rollout.completions) // count
     minibatches = []
-    for m in range(a.minibatches):
+    for m in range(count):
         rows = list(range(m * per_mb, (m + 1) * per_mb))
         if a.max_tokens_per_microbatch is None:  # this rank's contiguous share
             per_rank = per_mb // L.dp
             rows = rows[L.dp_rank * per_rank:(L.dp_rank + 1) * per_rank]
             minibatches.append(build_microbatches(
                 rollout.prompts, [rollout.completions[i] for i in rows], rollout.advantages[rows],
-                micro_batch_size=a.micro_batch_size, **common))
+                positive=rollout.positive[rows], micro_batch_size=a.micro_batch_size, **common))
             continue
         lengths = [rollout.length(i) for i in rows]
         mine = pack_microbatches(lengths, max_tokens=a.max_tokens_per_microbatch, dp_size=L.dp)[L.dp_rank]
@@ -78,7 +88,7 @@ def pack_minibatches(rollout: StepRollout, *, algorithm: AlgorithmConfig, layout
         where = {j: k for k, j in enumerate(chosen)}
         minibatches.append(build_microbatches(
             rollout.prompts, [rollout.completions[rows[j]] for j in chosen],
-            rollout.advantages[[rows[j] for j in chosen]],
+            rollout.advantages[[rows[j] for j in chosen]], positive=rollout.positive[[rows[j] for j in chosen]],
             packs=[[where[j] for j in pack] for pack in mine],
             packed_tokens=_round_up(a.max_tokens_per_microbatch, 8 * L.tp),
             attention=L.platform.packed_attention, **common))

@@ -37,6 +37,8 @@ def make_batches():
             old_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
             ref_log_prob=-4.6 + 0.3 * torch.randn(MICRO, SEQ, generator=g),
         ))
+        # the correct responses, for the positive-sample NLL term (micro-batch 2 has none)
+        batches[-1]["positive"] = torch.tensor([m != 2 and r == m % 2 for r in range(MICRO)])
     return batches
 
 
@@ -65,13 +67,13 @@ def _setup(tp, pp, vpp, sp, share, batch_p2p=False):
     return config, chunks
 
 
-def _train_step(config, chunks, impl, loss_name, agg, kl_coeff=0.0):
+def _train_step(config, chunks, impl, loss_name, agg, kl_coeff=0.0, positive_coeff=0.0):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_cegppo.parallel.pipeline_loss import (
-        PolicyLossSpec, make_policy_forward_step, minibatch_loss_normalizer,
+        PolicyLossSpec, make_policy_forward_step, minibatch_loss_normalizer, positive_loss_normalizer,
     )
 
     ddp = [
@@ -81,11 +83,12 @@ def _train_step(config, chunks, impl, loss_name, agg, kl_coeff=0.0):
     config.finalize_model_grads_func = finalize_model_grads
     batches = make_batches()
     norm = minibatch_loss_normalizer([b["loss_mask"] for b in batches], agg)
+    positive = positive_loss_normalizer(batches, agg)
     for b in batches:
-        b["loss_normalizer"] = norm
+        b["loss_normalizer"], b["positive_normalizer"] = norm, positive
     kwargs = LOSS_KWARGS if loss_name == "cegppo" else {}
     spec = PolicyLossSpec(loss=loss_name, loss_kwargs=kwargs, loss_agg_mode=agg, kl_coeff=kl_coeff,
-                          vocab_size=VOCAB, logprob_impl=impl)
+                          positive_loss_coeff=positive_coeff, vocab_size=VOCAB, logprob_impl=impl)
     stores = get_forward_backward_func()(
         forward_step_func=make_policy_forward_step(spec, num_microbatches=NUM_MICRO),
         data_iterator=[iter(batches) for _ in ddp] if len(ddp) > 1 else iter(batches),
@@ -100,7 +103,9 @@ def _train_step(config, chunks, impl, loss_name, agg, kl_coeff=0.0):
 
 RUNS = [("logits", "cegppo", "token-mean"), ("fused", "cegppo", "token-mean"),
         ("logits", "cegppo", "token-mean", 0.1),  # with a reference-model KL (k3) term
-        ("logits", "cegppo", "seq-mean-token-mean"), ("fused", "gspo", "seq-mean-token-mean")]
+        ("logits", "cegppo", "seq-mean-token-mean"), ("fused", "gspo", "seq-mean-token-mean"),
+        # with the positive-sample NLL term (the authors' recipe: 0.1)
+        ("logits", "cegppo", "token-mean", 0.0, 0.1), ("logits", "cegppo", "seq-mean-token-sum-norm", 0.0, 0.1)]
 
 
 def reference_worker(rank, world, share):
@@ -119,7 +124,7 @@ def reference_worker(rank, world, share):
     # Dense: full-vocabulary log_softmax over the whole mini-batch at once, plain autograd.
     dense = {}
     for run in RUNS:
-        impl, loss_name, agg, *kl = run
+        impl, loss_name, agg, kl, positive_coeff = (*run, 0.0, 0.0)[:5]
         if impl != "logits":
             continue
         set_output_hidden_states(model, False)
@@ -131,10 +136,18 @@ def reference_worker(rank, world, share):
         kwargs = LOSS_KWARGS if loss_name == "cegppo" else {}
         loss, _ = POLICY_LOSSES[loss_name](lp, cat["old_log_prob"].double(), cat["advantages"].double(),
                                            cat["loss_mask"], loss_agg_mode=agg, **kwargs)
+        mask = cat["loss_mask"].bool()
         if kl:  # k3 written out: exp(ref - lp) - (ref - lp) - 1, mean over response tokens
             d = cat["ref_log_prob"].double() - lp
-            mask = cat["loss_mask"].bool()
-            loss = loss + kl[0] * ((torch.exp(d) - d - 1)[mask]).mean()
+            loss = loss + kl * ((torch.exp(d) - d - 1)[mask]).mean()
+        if positive_coeff:  # the NLL of the correct responses' tokens, as a batch of their own
+            correct = cat["positive"]
+            nll = -(lp[correct][mask[correct]]).sum()
+            if agg == "token-mean":
+                nll = nll / mask[correct].sum()
+            else:  # seq-mean-token-sum-norm: their number x length
+                nll = nll / (correct.sum() * SEQ)
+            loss = loss + positive_coeff * nll
         loss.backward()
         # the DDP wrapper of _train_step moves .grad into main_grad (zeroed after each step)
         grads = {n: p.main_grad.clone() for n, p in global_named_params([model])}
@@ -180,7 +193,7 @@ def _losses(stores):
 @pytest.mark.parametrize("share", [False, True], ids=["untied", "tied"])
 def test_reference_schedule_equals_dense_autograd(share):
     state, results, dense = reference(share)
-    assert len(dense) == 3
+    assert len(dense) == 5
     for run, (stores, grads) in results.items():
         if run not in dense:
             continue

@@ -187,6 +187,9 @@ def valid(*overrides):
     ("algorithm.tis_cap", "0", "algorithm.tis_cap must be > 0 when set, got 0.0"),
     ("algorithm.kl_coeff", "-1", "algorithm.kl_coeff must be >= 0, got -1.0"),
     ("algorithm.entropy_coeff", "-1", "algorithm.entropy_coeff must be >= 0, got -1.0"),
+    ("algorithm.positive_loss_coeff", "-0.1", "algorithm.positive_loss_coeff must be >= 0, got -0.1"),
+    ("algorithm.prompts_per_round", "0", "algorithm.prompts_per_round must be >= 1 when set, got 0"),
+    ("algorithm.short_batch", "pad", "algorithm.short_batch must be one of ['fill', 'shrink'], got 'pad'"),
     ("algorithm.max_sampling_rounds", "0", "algorithm.max_sampling_rounds must be >= 1, got 0"),
     ("algorithm.prompts_per_step", "0", "algorithm.prompts_per_step must be >= 1, got 0"),
     ("algorithm.minibatches", "0", "algorithm.minibatches must be >= 1, got 0"),
@@ -238,6 +241,10 @@ def test_settings_that_depend_on_one_another():
     has(problems(valid("parallel.virtual_pipeline=2")), "parallel.virtual_pipeline (2) needs parallel.pipeline >= 2, got 1")
     has(problems(valid("rollout.n=1")), "rollout.n must be >= 2 for group advantages")
     assert problems(valid("rollout.n=1", "algorithm.dynamic_sampling=false")) == []
+    has(problems(valid("algorithm.prompts_per_step=8", "algorithm.minibatches=2", "algorithm.prompts_per_round=3")),
+        "algorithm.prompts_per_round=3 is less than one mini-batch of 4 groups")
+    assert problems(valid("algorithm.prompts_per_step=8", "algorithm.minibatches=2", "algorithm.prompts_per_round=16",
+                          "algorithm.short_batch=shrink")) == []
 
 
 def test_a_bad_setting_gives_one_message_not_a_chain():
