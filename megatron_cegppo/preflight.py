@@ -28,31 +28,34 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 def file_problems(cfg: Config) -> list[str]:
     """Every problem of the files ``cfg`` names (empty: none found)."""
-    return (prompt_file_problems(cfg.data) + model_folder_problems(cfg.model.path)
+    validation = [problem for i, path in enumerate(cfg.validation.datasets)
+                  for problem in prompt_file_problems(cfg.data, path, f"validation.datasets[{i}]")]
+    return (prompt_file_problems(cfg.data) + validation + model_folder_problems(cfg.model.path)
             + run_dir_problems(cfg.trainer.run_dir) + reward_problems(cfg.reward.name))
 
 
 # ---- prompts --------------------------------------------------------------------------------
 
 
-def prompt_file_problems(data: DataConfig) -> list[str]:
-    """The prompt file exists, has a supported suffix, and its first rows parse and hold
-    ``data.prompt_key`` (a string) and ``data.answer_key``."""
-    path = data.train_path
+def prompt_file_problems(data: DataConfig, path: Optional[str] = None, setting: str = "data.train_path") -> list[str]:
+    """The prompt file ``path`` (default ``data.train_path``; ``setting`` names it in the
+    messages) exists, has a supported suffix, and its first rows parse and hold
+    ``data.prompt_key`` (a string or messages) and ``data.answer_key``."""
+    path = data.train_path if path is None else path
     if not path:
         return []  # validate() names a missing data.train_path
     p = Path(path)
     if not p.exists():
-        return [f"data.train_path: {path} does not exist"]
+        return [f"{setting}: {path} does not exist"]
     if not p.is_file():
-        return [f"data.train_path: {path} is a folder, not a file"]
+        return [f"{setting}: {path} is a folder, not a file"]
     suffix = p.suffix.lower()
     if suffix not in PROMPT_SUFFIXES:
-        return [f"data.train_path: {path} has suffix {suffix or '(none)'!r}; supported: {', '.join(PROMPT_SUFFIXES)}"]
-    return _row_problems(path, data)
+        return [f"{setting}: {path} has suffix {suffix or '(none)'!r}; supported: {', '.join(PROMPT_SUFFIXES)}"]
+    return _row_problems(path, data, setting)
 
 
-def _row_problems(path: str, data: DataConfig) -> list[str]:
+def _row_problems(path: str, data: DataConfig, setting: str) -> list[str]:
     """The first problem of each kind among the first rows: a wrong key name is one line, not
     one per row; a row that does not parse ends the check."""
     out: list[str] = []
@@ -64,12 +67,12 @@ def _row_problems(path: str, data: DataConfig) -> list[str]:
             for kind, message in row_problems(row, data.prompt_key, data.answer_key):
                 if kind not in seen:
                     seen.add(kind)
-                    out.append(f"data.train_path: {path}, {unit} {n}: {message}")
+                    out.append(f"{setting}: {path}, {unit} {n}: {message}")
     except DataError as e:
-        out.append(f"data.train_path: {e}")
+        out.append(f"{setting}: {e}")
         return out
     if count == 0:
-        out.append(f"data.train_path: {path} is empty (no records)")
+        out.append(f"{setting}: {path} is empty (no records)")
     return out
 
 

@@ -148,6 +148,33 @@ class TrainerConfig:
     start_over: bool = False
 
 
+def training_positions(cfg: "Config") -> int:
+    """The most model positions a training sequence takes (prompt + response - 1,
+    label-aligned): the prompt limit (``data.max_prompt_tokens``, else what the model leaves
+    beside a response) plus ``rollout.max_tokens``, within ``rollout.max_model_len`` (which
+    may be longer, for validation's longer responses)."""
+    r = cfg.rollout
+    prompt = cfg.data.max_prompt_tokens if cfg.data.max_prompt_tokens is not None else r.max_model_len - r.max_tokens
+    return min(prompt + r.max_tokens, r.max_model_len) - 1
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out accuracy inside the run, through the same vLLM engines after the weight push."""
+
+    # prompt files, each scored on its own (the training file's layout and keys); a problem
+    # repeated in a file (the authors' AIME files hold each 32 times) is one problem sampled more
+    datasets: list = field(default_factory=list)
+    every: int = 0  # steps between validations; 0: only before training (if before_training)
+    before_training: bool = True
+    k: int = 1  # samples per row
+    temperature: float = 0.6
+    top_p: float = 0.95
+    # the longest validation response; default rollout.max_tokens. Prompts get what
+    # rollout.max_model_len leaves beside it
+    max_tokens: Optional[int] = None
+
+
 @dataclass
 class ClusterConfig:
     """Where the run is meant to go: the planner's and `submit`'s defaults."""
@@ -168,4 +195,5 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from megatron_cegppo.config.errors import ConfigError
 from megatron_cegppo.config.schema import (
-    DEVICE_SETTINGS, RECOMPUTE_MODES, SHORT_BATCH_MODES, TRUNCATION_MODES, Config,
+    DEVICE_SETTINGS, RECOMPUTE_MODES, SHORT_BATCH_MODES, TRUNCATION_MODES, Config, training_positions,
 )
 from megatron_cegppo.losses.names import LOGPROB_IMPLS, LOSS_AGG_MODES, LOSS_NAMES  # torch-free
 _SEED_LIMIT = 2**32  # the trainer seeds numpy's global generator, which takes 32 bits
@@ -85,6 +85,12 @@ RULES: dict[str, Rule] = {
     "rollout.top_p": PROBABILITY,
     "rollout.max_tokens": at_least(1),
     "rollout.stop": STRINGS,
+    "validation.datasets": STRINGS,
+    "validation.every": at_least(0),
+    "validation.k": at_least(1),
+    "validation.temperature": above(0),
+    "validation.top_p": PROBABILITY,
+    "validation.max_tokens": optional(at_least(1)),
     "rollout.max_model_len": at_least(1),
     "rollout.kv_cache_bytes": at_least(1),
     "rollout.gpu_memory_utilization": PROBABILITY,
@@ -203,15 +209,23 @@ def _length_problems(cfg: Config, ok) -> list[str]:
     if ok("rollout.max_tokens", "rollout.max_model_len") and r.max_model_len <= r.max_tokens:
         out.append(f"rollout.max_model_len ({r.max_model_len}) must exceed rollout.max_tokens ({r.max_tokens}): "
                    "a prompt needs at least one position")
+    v = cfg.validation
+    if (ok("validation.max_tokens", "rollout.max_model_len") and v.max_tokens is not None
+            and r.max_model_len <= v.max_tokens):
+        out.append(f"rollout.max_model_len ({r.max_model_len}) must exceed validation.max_tokens ({v.max_tokens}): "
+                   "the engines that train validate too")
     if (ok("data.max_prompt_tokens", "rollout.max_model_len") and d.max_prompt_tokens is not None
             and d.max_prompt_tokens >= r.max_model_len):
         out.append(f"data.max_prompt_tokens ({d.max_prompt_tokens}) must be < rollout.max_model_len "
                    f"({r.max_model_len}): a response needs at least one position")
     budget = cfg.algorithm.max_tokens_per_microbatch
-    if (ok("algorithm.max_tokens_per_microbatch", "rollout.max_model_len", "rollout.max_tokens")
-            and budget is not None and budget < r.max_model_len - 1):
+    lengths_ok = ok("rollout.max_model_len", "rollout.max_tokens", "data.max_prompt_tokens")
+    longest = training_positions(cfg) if lengths_ok else None
+    if ok("algorithm.max_tokens_per_microbatch") and budget is not None and longest is not None and budget < longest:
+        limit = (f"rollout.max_model_len - 1 = {r.max_model_len - 1}" if longest == r.max_model_len - 1 else
+                 f"data.max_prompt_tokens + rollout.max_tokens - 1 = {longest}")
         out.append(f"algorithm.max_tokens_per_microbatch={budget} is shorter than the longest sequence: a prompt "
-                   f"and its response take up to rollout.max_model_len - 1 = {r.max_model_len - 1} positions "
+                   f"and its response take up to {limit} positions "
                    f"(rollout.max_tokens={r.max_tokens} of them the response), and a sequence is never split")
     return out
 

@@ -10,8 +10,9 @@ Two layouts of the same sequences:
   positions, which are unchanged inside a block) or megatron's THD ``packed_seq_params``
   (transformer-engine attention, RoPE restarting at each ``cu_seqlens`` boundary);
 - the loss's: ``loss_mask``, ``advantages``, ``rollout_log_prob``, ``old_log_prob``,
-  ``ref_log_prob`` of ``[sequences, seq_len]`` (and ``positive`` of ``[sequences]``), one row per sequence, as the losses and their
-  aggregation modes define them. ``unpack_index`` maps the model's per-token outputs into it.
+  ``ref_log_prob`` of ``[sequences, seq_len]`` (and ``positive`` of ``[sequences]``), one row
+  per sequence, as the losses and their aggregation modes define them. ``unpack_index`` maps
+  the model's per-token outputs into it.
 
 Position ``t`` of a loss row scores ``labels`` at the model position ``unpack_index[row, t]``
 (-1: none). Unpacked micro-batches have ``unpack_index = None``: the layouts coincide.

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-from megatron_cegppo.config.schema import Config
+from megatron_cegppo.config.schema import Config, training_positions
 from megatron_cegppo.models.hf_config import HFArchitecture, padded_vocab_size
 from megatron_cegppo.config.schema import RECOMPUTE_MODES
 from megatron_cegppo.planner.activations import (
@@ -177,7 +177,7 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
               impl: LayerImplementation = TRANSFORMER_ENGINE, mean_sequence_tokens: Optional[int] = None) -> Plan:
     """Per-GPU memory of ``cfg`` on ``nodes`` nodes (default: ``cluster.nodes``).
     ``mean_sequence_tokens``: with packing, the sequences' mean length (prompt + response) for
-    the number of micro-batches; default the longest, ``rollout.max_model_len - 1``."""
+    the number of micro-batches; default the longest (``config.schema.training_positions``)."""
     p, a, r, c = cfg.parallel, cfg.algorithm, cfg.rollout, cfg.cluster
     nodes = nodes or c.nodes
     world = nodes * max(1, c.gpus_per_node)
@@ -193,7 +193,7 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
         # balanced over the DP ranks (by tokens: by count when all are of one length)
         per_rank = -(-(a.prompts_per_step * r.n // a.minibatches) // dp)
         seq, mbs = -(-a.max_tokens_per_microbatch // multiple) * multiple, 1
-        sequence_tokens = min(mean_sequence_tokens or r.max_model_len - 1, a.max_tokens_per_microbatch)
+        sequence_tokens = min(mean_sequence_tokens or training_positions(cfg), a.max_tokens_per_microbatch)
         num_microbatches = packed_microbatches(sequences=per_rank, budget=a.max_tokens_per_microbatch,
                                                sequence_tokens=sequence_tokens, pp=pp, vpp=p.virtual_pipeline)
     else:
@@ -201,7 +201,7 @@ def make_plan(cfg: Config, arch: HFArchitecture, *, nodes: Optional[int] = None,
         per_rank = a.prompts_per_step * r.n // a.minibatches // dp
         num_microbatches = max(1, per_rank // a.micro_batch_size)
         # the trainer pads a mini-batch to its longest sequence, rounded up to a multiple of 8 x TP
-        seq, mbs = -(-r.max_model_len // multiple) * multiple, a.micro_batch_size
+        seq, mbs = -(-(training_positions(cfg) + 1) // multiple) * multiple, a.micro_batch_size
     padded = padded_vocab_size(arch.vocab_size, tp)
     layers = -(-arch.num_layers // pp)  # the fullest stage's, also when they do not divide
     stages = []

@@ -47,6 +47,9 @@ STANDARD_PLOTS = (
 )
 
 
+VALIDATION_PREFIX = "val/"  # the in-run validation's metrics (trainer/validation_phase.py)
+
+
 def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) for ``key``, sorted by step; logged non-finite values become NaN,
     which matplotlib draws as a gap."""
@@ -98,7 +101,7 @@ def plot_run(
 ) -> list[Path]:
     """Write PNGs for ``run_dir/metrics.jsonl`` into ``out_dir`` (default ``run_dir/plots``).
 
-    With ``keys=None`` the standard figures are drawn (reward, entropy, clipping,
+    With ``keys=None`` the standard figures are drawn (reward, entropy, clipping, validation,
     quadrants), each only if at least one of its metrics was logged. With ``keys`` only
     those metrics are drawn: inside their standard figure where they have one, otherwise
     each in ``<key>.png``. Returns the written paths.
@@ -117,8 +120,11 @@ def plot_run(
         drawn = [k for k in spec.keys if k in wanted]
         if drawn:
             jobs.append((spec, drawn))
+    validation = sorted(k for k in wanted if k.startswith(VALIDATION_PREFIX))
+    if validation:  # one line per validation set and measure
+        jobs.append((PlotSpec("validation.png", "Validation", "accuracy", tuple(validation)), validation))
     if keys is not None:
-        standard = {k for spec in STANDARD_PLOTS for k in spec.keys}
+        standard = {k for spec in STANDARD_PLOTS for k in spec.keys} | set(validation)
         for key in dict.fromkeys(keys):
             if key in wanted and key not in standard:
                 jobs.append((PlotSpec(f"{_safe_filename(key)}.png", key, key, (key,)), [key]))

@@ -62,6 +62,7 @@ HARMLESS_PREFIXES = (
     "parallel.", "cluster.", "model.logprob_impl", "algorithm.micro_batch_size",
     "algorithm.max_tokens_per_microbatch", "rollout.tensor_parallel", "rollout.kv_cache_bytes",
     "rollout.gpu_memory_utilization", "rollout.weight_bucket_bytes",
+    "validation.",  # measured beside training, with its own seeds: the training is the same
 )
 
 

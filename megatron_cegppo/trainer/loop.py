@@ -55,6 +55,7 @@ class Trainer:
         from megatron_cegppo.data.sampler import ShuffledSampler
         from megatron_cegppo.rewards.registry import reward_correct_score
         from megatron_cegppo.trainer.rollout_phase import RolloutPhase, sampling_config, start_engine
+        from megatron_cegppo.trainer.validation_phase import InRunValidation
 
         self.cfg = cfg
         self.layout: Layout = init_distributed(cfg)
@@ -77,6 +78,7 @@ class Trainer:
         self.correct_score = reward_correct_score(cfg.reward.name)
         self.rollout = RolloutPhase(self.engine, self.layout, self.prompts, reward=cfg.reward.name,
                                     sampling=self.sampling, seed=cfg.trainer.seed)
+        self.validation = InRunValidation(cfg, tokenizer, self.layout, self.engine, correct_score=self.correct_score)
 
         # the policy and its update
         self.policy = build_policy(cfg.model, cfg.parallel, cfg.algorithm, cfg.optim,
@@ -180,6 +182,8 @@ class Trainer:
         timer, history = PhaseTimer(), []
         bar = progress(t.steps, desc="CE-GPPO steps", enabled=self.reporting, initial=self.start_step)
         try:
+            if self.start_step == 0 and self.validation.due(0, last=False):
+                writer.log(-1, self._validate(0))  # the record "before training"
             for step in range(self.start_step, t.steps):
                 timer.reset()
                 start = time.perf_counter()
@@ -198,6 +202,8 @@ class Trainer:
                 metrics.update(timer.summary())
                 metrics["time/step"] = elapsed
                 metrics["tokens_per_second"] = metrics.pop("tokens") / elapsed
+                if self.validation.due(step + 1, last=step == t.steps - 1):
+                    metrics.update(self._validate(step + 1))  # on the weights after this step
                 history.append(metrics)
                 if step % t.log_every == 0 or step == t.steps - 1:
                     writer.log(step, metrics)
@@ -214,6 +220,16 @@ class Trainer:
         if self.reporting:
             plot_run(t.run_dir)
         return history
+
+    def _validate(self, completed_steps: int) -> dict:
+        """The validation sets' accuracy after ``completed_steps`` steps, timed on its own."""
+        start = time.perf_counter()
+        metrics = self.validation.run(completed_steps)
+        metrics["time/validation"] = time.perf_counter() - start
+        if self.reporting:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/"))
+            print(f"[megatron-cegppo] validation after {completed_steps} step(s): {shown}", flush=True)
+        return metrics
 
     def _save_and_stop(self, step: int) -> bool:
         """After ``step``: a save when due or stopping; whether the run stops here."""

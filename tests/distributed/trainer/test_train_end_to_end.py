@@ -1,7 +1,8 @@
 """A few CE-GPPO steps end to end in 2 real processes (training TP=2, one vLLM engine per
-process), with a reference-model KL term: metrics are finite, the weights changed, and every
-step's samples came from the weights pushed after the previous update (vLLM and Megatron
-log-probs agree)."""
+process), with a reference-model KL term and in-run validation: metrics are finite, the
+weights changed, every step's samples came from the weights pushed after the previous update
+(vLLM and Megatron log-probs agree), and validation ran before training and every 2 steps with
+each problem counted once however often its file repeats it."""
 
 from __future__ import annotations
 
@@ -21,8 +22,16 @@ pytestmark = pytest.mark.distributed
 @register_reward("test_contains_5")
 def contains_5(response: str, answer: str) -> float:
     """An untrained model's random responses get mixed rewards: a learning signal (and a
-    user-registered reward on the way)."""
+    user-registered reward on the way). The validation rows' answers (yes / no) decide their
+    reward whatever the response: their accuracy is known."""
+    if answer in ("yes", "no"):
+        return float(answer == "yes")
     return float("5" in response)
+
+
+# problem "1+1=" three times (right), "2+2=" once (wrong), "3+3=" once (right): avg = pass = 2/3,
+# where counting rows would give 4/5
+VALIDATION_ROWS = [("1+1=", "yes"), ("2+2=", "no"), ("1+1=", "yes"), ("3+3=", "yes"), ("1+1=", "yes")]
 
 
 def worker(rank, world, overrides):
@@ -38,10 +47,13 @@ def test_short_training_run(tmp_path):
 
     model = tmp_path / "model"
     run_dir = tmp_path / "run"
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in VALIDATION_ROWS))
     overrides = prepare_tiny_run(tmp_path) + [
         f"trainer.run_dir={run_dir}", "trainer.steps=3", "algorithm.prompts_per_step=8",
         "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
-        "reward.name=test_contains_5", "algorithm.kl_coeff=0.01"]
+        "reward.name=test_contains_5", "algorithm.kl_coeff=0.01",
+        f"validation.datasets=[{held_out}]", "validation.every=2", "validation.k=2"]
     ranks = run_distributed(worker, 2, overrides, timeout=600)
     history, final = ranks[0]
     assert len(history) == 3
@@ -54,9 +66,14 @@ def test_short_training_run(tmp_path):
     changed = [n for n in initial if not torch.equal(initial[n], final[n])]
     assert len(changed) == len(initial), f"unchanged after training: {set(initial) - set(changed)}"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert [line["step"] for line in lines] == [-1, 0, 1, 2]  # -1: before training
+    validated = {line["step"]: line for line in lines if "val/held_out/avg@2" in line}
+    assert sorted(validated) == [-1, 1, 2]  # before training, after 2 steps, after the last
+    for line in validated.values():
+        assert line["val/held_out/avg@2"] == pytest.approx(2 / 3) and line["val/held_out/pass@2"] == pytest.approx(2 / 3)
+        assert line["time/validation"] > 0
     assert (run_dir / "config.yaml").exists()
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
-    assert plots == ["clipping.png", "entropy.png", "quadrants.png", "reward.png"], plots
+    assert plots == ["clipping.png", "entropy.png", "quadrants.png", "reward.png", "validation.png"], plots
     for name in plots:
         assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_cegppo.config import load_config, validate
+from megatron_cegppo.config.schema import training_positions
 from megatron_cegppo.models.hf_config import padded_vocab_size
 from megatron_cegppo.planner import kv_cache_bytes_per_token, make_plan, read_architecture, total_parameters, vllm_weight_bytes
 from megatron_cegppo.planner.plan import layout_problems
@@ -113,4 +114,11 @@ def test_plan_uses_the_trainers_padded_sequence_length():
 def test_shipped_configs_pack_at_a_budget_holding_the_longest_sequence(name):
     cfg = load(name)
     budget = cfg.algorithm.max_tokens_per_microbatch
-    assert budget is not None and budget >= cfg.rollout.max_model_len - 1
+    assert budget is not None and budget >= training_positions(cfg)
+
+
+def test_the_longest_training_sequence_leaves_validation_its_longer_responses():
+    cfg = load("deepseek_r1_distill_qwen_7b")  # the authors': prompts 4096 + responses 16384, validation 32768
+    assert (cfg.rollout.max_model_len, training_positions(cfg)) == (36864, 4096 + 16384 - 1)
+    cfg.data.max_prompt_tokens = None  # the prompts get what the model leaves beside a response
+    assert training_positions(cfg) == cfg.rollout.max_model_len - 1
