@@ -254,6 +254,18 @@ def training_checks(args, report, work: Path, log: Path) -> None:
                      f"{sa['pushes']} pushes of {sa['pushed_bytes'] // max(1, sa['pushes'])} bytes "
                      f"(the HF model: {sa['hf_bytes']})")
 
+    if args.skip_resume:
+        report.check("stop, resume and export", True, "skipped (--skip-resume): the actor check runs them")
+    else:
+        _stop_resume_export(args, report, a, b, hist, log)
+    if args.engine == "vllm":
+        code = _run_phase("push_unchanged", work / "push", args, log)
+        diff = json.loads((work / "push" / "push.json").read_text())["max_abs_diff"] if code == 0 else float("inf")
+        report.check("logits after a push unchanged", diff <= 1e-5, f"prompt log-probs max |diff| {diff:.1e}")
+
+
+def _stop_resume_export(args, report, a: Path, b: Path, hist: list, log: Path) -> None:
+    """A requested stop, the checkpoint it leaves, an exact resume, and the export of both runs."""
     b.mkdir(parents=True, exist_ok=True)
     (b / "STOP").write_text("asked by the check\n")
     code = _run_phase("train", b, args, log)
@@ -291,10 +303,6 @@ def training_checks(args, report, work: Path, log: Path) -> None:
     report.check("export matches", same <= max(tol, 1e-6) and moved > 0 and info["finite"],
                  f"resumed vs uninterrupted weights max |diff| {same:.1e}; moved {moved:.1e} from the start; "
                  f"transformers forward on {info['device']} finite")
-    if args.engine == "vllm":
-        code = _run_phase("push_unchanged", work / "push", args, log)
-        diff = json.loads((work / "push" / "push.json").read_text())["max_abs_diff"] if code == 0 else float("inf")
-        report.check("logits after a push unchanged", diff <= 1e-5, f"prompt log-probs max |diff| {diff:.1e}")
 
 
 def timing_checks(args, report) -> None:
@@ -385,6 +393,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--skip-resume", action="store_true",
+                   help="no stop/resume/export runs (the same with either engine: the actor check has them)")
     p.add_argument("--phase-timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="results file (default on CUDA: benchmarks/results/gpu_<engine>_check_<card>_<date>.md)")
     p.add_argument("--keep", default=None, help="a folder to keep the runs in (default: a temporary one)")

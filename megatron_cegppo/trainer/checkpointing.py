@@ -81,9 +81,11 @@ class TrainerCheckpoints:
 
     # -- resume -------------------------------------------------------------------------------
 
-    def resume(self, policy, sampler) -> Optional[Resumed]:
+    def resume(self, policy, sampler, *, config: dict) -> Optional[Resumed]:
         """Loads the run directory's newest checkpoint that verifies (or ``trainer.resume_from``)
-        into ``policy`` and ``sampler``; ``None``: a fresh start."""
+        into ``policy`` and ``sampler``; ``None``: a fresh start. A checkpoint saved with a
+        config that differs from ``config`` in a setting that alters results is refused,
+        naming each difference, unless ``trainer.allow_config_change``."""
         from megatron_cegppo.checkpoint.megatron_state import load_model_and_optimizer
         from megatron_cegppo.checkpoint.rng import restore_rng_state
 
@@ -113,6 +115,7 @@ class TrainerCheckpoints:
         if chosen is None:
             return None
         state = json.loads((chosen / STATE_NAME).read_text())
+        self._check_config(chosen, state.get("config"), config)
         if state["model"] != dataclasses.asdict(policy.arch):
             raise CheckpointError(f"{chosen} holds a different model: {state['model']} vs "
                                   f"{dataclasses.asdict(policy.arch)}")
@@ -125,6 +128,19 @@ class TrainerCheckpoints:
         if self.reporting:
             print(f"[megatron-cegppo] resumed from {chosen} at step {state['step'] + 1}", flush=True)
         return Resumed(path=chosen, step=state["step"], optimizer_steps=state["optimizer_steps"])
+
+    def _check_config(self, path: Path, saved: Optional[dict], config: dict) -> None:
+        from megatron_cegppo.config.errors import ConfigError
+        from megatron_cegppo.tracking.run_dir import result_changes
+
+        if saved is None or self.trainer.allow_config_change:
+            return
+        altering, _ = result_changes(saved, config)
+        if altering:
+            changes = "\n  ".join(altering)
+            raise ConfigError(f"{path} was saved by a run whose config differs in what the run computes "
+                              f"(saved -> given):\n  {changes}\nuse a new trainer.run_dir, or set "
+                              "trainer.allow_config_change=true to continue with the given config")
 
     def verify_together(self, path: Path) -> Optional[str]:
         """Why checkpoint ``path`` cannot be resumed from (``None``: it verifies). Every rank

@@ -89,7 +89,7 @@ class Trainer:
 
         # resume
         self.checkpoints = TrainerCheckpoints(cfg.trainer, self.layout)
-        resumed = self.checkpoints.resume(self.policy, self.sampler)
+        resumed = self.checkpoints.resume(self.policy, self.sampler, config=to_dict(cfg))
         self.start_step = resumed.step + 1 if resumed else 0
         if resumed:
             self.update.optimizer_steps = resumed.optimizer_steps

@@ -38,8 +38,9 @@ def test_actor_check_on_cpu(tmp_path):
 
 
 def test_full_check_on_cpu_with_vllm(tmp_path):
-    text = _run("gpu_full_check.sh", tmp_path, "--skip-timing")
+    # what only vLLM adds: the stop, resume and export are engine-agnostic, the actor check has them
+    text = _run("gpu_full_check.sh", tmp_path, "--skip-timing", "--skip-resume")
     assert "Result: PASS" in text
-    for name in ["trainer runs 3 steps", "old-log-prob recompute", "mismatch every step", "update", "requested stop",
-                 "exact resume", "export matches", "logits after a push unchanged"]:
+    for name in ["trainer runs 3 steps", "old-log-prob recompute", "mismatch every step", "update",
+                 "logits after a push unchanged"]:
         assert f"| {name} | PASS |" in text, f"{name!r} missing or failed"

@@ -62,10 +62,6 @@ def _launch(tmp_path) -> tuple[subprocess.Popen, dict]:
     return proc, {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
 
 
-
-
-
-
 def _pids(ranks: dict) -> list[int]:
     return [pid for r in ranks.values() for pid in (r["rank"], r["child"])]
 

@@ -1,5 +1,5 @@
 """kill -9 at random moments while a real model and distributed optimizer are being saved
-through dist_checkpointing, 10 times: every next start resumes from a complete checkpoint
+through dist_checkpointing, 5 times (KILLS): every next start resumes from a complete checkpoint
 whose weights are the ones saved at its step. Each kill waits for the saver to report that a
 save began and lands at a random point of it, so a slow (busy) machine only makes the test
 slower. A kill of the saver alone, as of a rank, leaves none of its processes behind."""
@@ -24,6 +24,7 @@ import torch
 pytestmark = pytest.mark.distributed
 
 START_TIMEOUT_S = 300  # start-up (imports, model) takes ~6 s on an idle machine
+KILLS = 5  # each lands at a random point of a save (the first or the second of its start)
 EXIT_WITHIN_S = 5.0
 
 
@@ -132,10 +133,6 @@ def _members(proc) -> list:
         return []
 
 
-
-
-
-
 def _kill_group(proc) -> list:
     """kill -9 of the saver's process group; returns the processes still alive after it."""
     members = _members(proc)
@@ -150,11 +147,11 @@ def _kill_group(proc) -> list:
 def test_kill_9_during_real_saves(tmp_path):
     rng = random.Random(1)
     report = tmp_path / "report.jsonl"
-    for trial in range(11):  # the 11th start only checks what the 10th kill left
+    for trial in range(KILLS + 1):  # the last start only checks what the last kill left
         proc = _start(tmp_path)
-        if trial == 10:
+        if trial == KILLS:
             end = time.time() + START_TIMEOUT_S
-            while (not report.exists() or len(report.read_text().splitlines()) < 11) and time.time() < end:
+            while (not report.exists() or len(report.read_text().splitlines()) < KILLS + 1) and time.time() < end:
                 time.sleep(0.5)
             assert _kill_group(proc) == [], "processes outlived the kill"
             break
@@ -162,10 +159,10 @@ def test_kill_9_during_real_saves(tmp_path):
         time.sleep(rng.uniform(0.0, _save_seconds(tmp_path)))
         assert _kill_group(proc) == [], "processes outlived the kill"
     rows = [json.loads(line) for line in report.read_text().splitlines()]
-    assert len(rows) == 11
+    assert len(rows) == KILLS + 1
     assert all(r["weights_match_step"] for r in rows), rows
     resumed = [r["resumed"] for r in rows[1:]]
-    assert sum(r is not None for r in resumed) >= 8, rows
+    assert sum(r is not None for r in resumed) >= KILLS - 1, rows  # a kill in the first save may leave none
     steps = [r for r in resumed if r is not None]
     assert steps == sorted(steps), "a later start resumed from an older checkpoint"
 

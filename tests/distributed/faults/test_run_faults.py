@@ -38,7 +38,8 @@ def test_a_second_run_on_a_busy_directory_is_refused_naming_the_holder(tiny, tmp
     import psutil
 
     run_dir = tmp_path / "run"
-    first = start_training(tiny + [f"trainer.run_dir={run_dir}", "trainer.steps=40"], tmp_path / "first.log")
+    # more steps than the test takes: the first run holds the directory until the STOP file
+    first = start_training(tiny + [f"trainer.run_dir={run_dir}", "trainer.steps=100000"], tmp_path / "first.log")
     try:
         wait_until(lambda: metrics_lines(run_dir) >= 1, timeout=300, proc=first, what="the first run's step 0",
                    log=tmp_path / "first.log")
