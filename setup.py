@@ -25,9 +25,13 @@ GPU = [
     "math-verify>=0.9.0",
 ]
 
+# Weights & Biases, an optional logger (wandb.enabled); the tests run it offline.
+WANDB = ["wandb>=0.19"]
+
 DEV = [
     "pytest>=8",
     "hypothesis>=6.100",
+    *WANDB,
 ]
 
 setup(
@@ -52,7 +56,7 @@ setup(
         "tensorboard",  # TensorBoard event files (tracking/metrics.py)
         "pyarrow",  # .parquet prompt datasets (data/prompts.py)
     ],
-    extras_require={"cpu": CPU, "gpu": GPU, "dev": DEV},
+    extras_require={"cpu": CPU, "gpu": GPU, "dev": DEV, "wandb": WANDB},
     entry_points={"console_scripts": ["megatron-cegppo=megatron_cegppo.cli:main"]},
     license="Apache-2.0",
 )

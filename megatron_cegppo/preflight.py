@@ -31,7 +31,7 @@ def file_problems(cfg: Config) -> list[str]:
     validation = [problem for i, path in enumerate(cfg.validation.datasets)
                   for problem in prompt_file_problems(cfg.data, path, f"validation.datasets[{i}]")]
     return (prompt_file_problems(cfg.data) + validation + model_folder_problems(cfg.model.path)
-            + run_dir_problems(cfg.trainer.run_dir) + reward_problems(cfg.reward.name))
+            + run_dir_problems(cfg.trainer.run_dir) + reward_problems(cfg.reward.name) + wandb_problems(cfg))
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -384,6 +384,15 @@ def run_dir_problems(run_dir: str) -> list[str]:
         return [f"trainer.run_dir: {run_dir} cannot be created: {parent} is a file"]
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"trainer.run_dir: {run_dir} cannot be created: {parent} is not writable"]
+    return []
+
+
+def wandb_problems(cfg: Config) -> list[str]:
+    """W&B asked for and installed (found without importing it: its import is slow)."""
+    import importlib.util
+
+    if cfg.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        return ["wandb.enabled: the wandb package is not installed (pip install megatron-cegppo[wandb])"]
     return []
 
 

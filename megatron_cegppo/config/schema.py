@@ -12,6 +12,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 DEVICE_SETTINGS = ("auto", "cuda", "cpu")
 TRUNCATION_MODES = ("error", "left", "right")
 SHORT_BATCH_MODES = ("fill", "shrink")
+WANDB_MODES = ("online", "offline")
 
 
 @dataclass
@@ -146,6 +147,12 @@ class TrainerConfig:
     # a run directory whose checkpoints all fail verification is refused (naming each and why)
     # unless this is set: then the run starts again from model.path
     start_over: bool = False
+    # every this many steps (0: never) the first rollout_dump_groups groups of the step go to
+    # <run_dir>/rollouts/step_N.jsonl (prompt, response, reward, advantage, length, mismatch),
+    # at most rollout_dump_max_bytes per file
+    rollout_dump_every: int = 0
+    rollout_dump_groups: int = 4
+    rollout_dump_max_bytes: int = 4 << 20
 
 
 def training_positions(cfg: "Config") -> int:
@@ -176,6 +183,18 @@ class ValidationConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside metrics.jsonl and TensorBoard (off by default; pip install
+    megatron-cegppo[wandb]). A resumed run continues the same W&B run."""
+
+    enabled: bool = False
+    project: str = "megatron-cegppo"
+    name: Optional[str] = None  # default: the run directory's name
+    tags: list = field(default_factory=list)
+    mode: str = "online"  # online | offline (written under <run_dir>/wandb, `wandb sync` later)
+
+
+@dataclass
 class ClusterConfig:
     """Where the run is meant to go: the planner's and `submit`'s defaults."""
 
@@ -196,4 +215,5 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -12,7 +12,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from megatron_cegppo.config.errors import ConfigError
 from megatron_cegppo.config.schema import (
-    DEVICE_SETTINGS, RECOMPUTE_MODES, SHORT_BATCH_MODES, TRUNCATION_MODES, Config, training_positions,
+    DEVICE_SETTINGS, RECOMPUTE_MODES, SHORT_BATCH_MODES, TRUNCATION_MODES, WANDB_MODES, Config,
+    training_positions,
 )
 from megatron_cegppo.losses.names import LOGPROB_IMPLS, LOSS_AGG_MODES, LOSS_NAMES  # torch-free
 _SEED_LIMIT = 2**32  # the trainer seeds numpy's global generator, which takes 32 bits
@@ -86,6 +87,13 @@ RULES: dict[str, Rule] = {
     "rollout.max_tokens": at_least(1),
     "rollout.stop": STRINGS,
     "validation.datasets": STRINGS,
+    "wandb.project": NON_EMPTY,
+    "wandb.name": optional(NON_EMPTY),
+    "wandb.tags": STRINGS,
+    "wandb.mode": one_of(WANDB_MODES),
+    "trainer.rollout_dump_every": at_least(0),
+    "trainer.rollout_dump_groups": at_least(1),
+    "trainer.rollout_dump_max_bytes": at_least(1024),
     "validation.every": at_least(0),
     "validation.k": at_least(1),
     "validation.temperature": above(0),

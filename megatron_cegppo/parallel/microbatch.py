@@ -41,6 +41,7 @@ class MicroBatch:
     # term's mini-batch-wide denominator (over the positive sequences only)
     positive: Optional[torch.Tensor] = None
     positive_normalizer: Optional[torch.Tensor] = None
+    sequence_index: Optional[torch.Tensor] = None  # [sequences] long: each one's place in the step
     attention_mask: Optional[torch.Tensor] = None  # [1, 1, T, T] bool, True = masked out
     packed_seq_params: Any = None  # megatron.core.packed_seq_params.PackedSeqParams
     unpack_index: Optional[torch.Tensor] = None  # [sequences, seq_len] long, -1 where no token

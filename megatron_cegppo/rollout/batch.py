@@ -45,7 +45,7 @@ def build_microbatches(
     prompts: Mapping[int, Sequence[int]], completions: Sequence[Completion], advantages: torch.Tensor, *,
     pad_id: int, seq_len: int, place: Callable[[MicroBatch], MicroBatch], micro_batch_size: Optional[int] = None,
     packs: Optional[Sequence[Sequence[int]]] = None, packed_tokens: Optional[int] = None, attention: str = "mask",
-    positive: Optional[torch.Tensor] = None,
+    positive: Optional[torch.Tensor] = None, sequence_index: Optional[torch.Tensor] = None,
 ) -> list[MicroBatch]:
     """This rank's share of a mini-batch as micro-batches.
 
@@ -60,17 +60,21 @@ def build_microbatches(
     Built and cut on the host; each micro-batch is handed to ``place`` (the platform's
     placement step), so every tensor the model, the loss and the collectives see lives where
     the model is. ``positive`` ([completions] bool): the responses judged correct, for the
-    positive-sample NLL term."""
+    positive-sample NLL term; ``sequence_index`` ([completions] long): each one's place in the
+    step (to report per-response values)."""
     if len(advantages) != len(completions):
         raise ValueError(f"{len(completions)} completions but {len(advantages)} advantages")
-    if positive is not None and len(positive) != len(completions):
-        raise ValueError(f"{len(completions)} completions but {len(positive)} positive flags")
+    per_sequence = {name: (values, dtype) for name, values, dtype in (
+        ("positive", positive, torch.bool), ("sequence_index", sequence_index, torch.long)) if values is not None}
+    for name, (values, _) in per_sequence.items():
+        if len(values) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(values)} {name} values")
     if (micro_batch_size is None) == (packs is None):
         raise ValueError("give either micro_batch_size (unpacked) or packs (packed)")
     batch = build_token_batch(prompts, completions, pad_id=pad_id, seq_len=seq_len)
     batch["advantages"] = advantages.to(torch.float32).unsqueeze(1).expand(-1, seq_len).contiguous()
-    if positive is not None:
-        batch["positive"] = torch.as_tensor(positive, dtype=torch.bool)
+    for name, (values, dtype) in per_sequence.items():
+        batch[name] = torch.as_tensor(values, dtype=dtype)
     if packs is None:
         return [place(MicroBatch(**{k: v[i:i + micro_batch_size] for k, v in batch.items()}))
                 for i in range(0, len(completions), micro_batch_size)]
@@ -105,7 +109,8 @@ def _pack_rows(batch: dict, rows: list[int], lengths: list[int], tokens: int, pa
         offset += n
     if offset < tokens:  # the padding: its own block(s), never attended to by a sequence
         position_ids[0, offset:] = torch.arange(tokens - offset)
-    picked = {k: batch[k][rows] for k in ("loss_mask", "rollout_log_prob", "advantages", "positive") if k in batch}
+    picked = {k: batch[k][rows] for k in ("loss_mask", "rollout_log_prob", "advantages", "positive", "sequence_index")
+              if k in batch}
     mb = MicroBatch(input_ids=input_ids, position_ids=position_ids, labels=labels, unpack_index=index, **picked)
     if attention == "mask":
         # each padding token is a block of its own (attending to itself only: no empty softmax row)

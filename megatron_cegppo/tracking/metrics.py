@@ -90,7 +90,9 @@ class MetricsWriter:
 
     ``enabled=False`` turns every method into a no-op and touches no file: only the
     reporting rank should write. ``truncate_after_step=k`` drops records with step > k
-    (on a restart from the checkpoint of step k, those steps will be run again).
+    (on a restart from the checkpoint of step k, those steps will be run again). ``wandb``: a
+    zero-argument factory of a :class:`~megatron_cegppo.tracking.wandb_logger.WandbLogger`
+    (called at the first record, like the files), or None.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class MetricsWriter:
         enabled: bool = True,
         tensorboard: bool = True,
         truncate_after_step: int | None = None,
+        wandb=None,
     ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
@@ -108,6 +111,7 @@ class MetricsWriter:
         self._tb = None
         self._closed = False
         self._tensorboard = tensorboard
+        self._wandb_factory, self._wandb = wandb, None
         self._purge_step = None if truncate_after_step is None else truncate_after_step + 1
         if not enabled:
             return
@@ -118,6 +122,8 @@ class MetricsWriter:
         """At the first record, not before: a run that fails before its first step leaves no
         empty metrics file and no TensorBoard events for a rerun to append to."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._wandb_factory is not None:
+            self._wandb = self._wandb_factory()
         self._file = open(self.path, "a", encoding="utf-8")
         if self._tensorboard:
             # Imported here: it is slow to import and unused on non-reporting ranks.
@@ -172,6 +178,8 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, global_step=step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def flush(self) -> None:
         if self._file is not None:
@@ -187,6 +195,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self

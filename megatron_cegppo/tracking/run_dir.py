@@ -58,11 +58,12 @@ def _backup_name(directory: Path) -> Path:
 HARMLESS_PREFIXES = (
     "trainer.steps", "trainer.log_every", "trainer.save_every", "trainer.keep_checkpoints", "trainer.run_dir",
     "trainer.resume_from", "trainer.device", "trainer.allow_config_change", "trainer.max_consecutive_nonfinite",
-    "trainer.start_over",
+    "trainer.start_over", "trainer.rollout_dump_",
     "parallel.", "cluster.", "model.logprob_impl", "algorithm.micro_batch_size",
     "algorithm.max_tokens_per_microbatch", "rollout.tensor_parallel", "rollout.kv_cache_bytes",
     "rollout.gpu_memory_utilization", "rollout.weight_bucket_bytes",
     "validation.",  # measured beside training, with its own seeds: the training is the same
+    "wandb.",
 )
 
 

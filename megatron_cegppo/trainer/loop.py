@@ -65,7 +65,7 @@ class Trainer:
         _seed_everything(cfg.trainer.seed)
 
         # the prompts
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.prompts, cut = load_training_prompts(cfg, tokenizer)
         if cut and self.reporting:
@@ -133,6 +133,10 @@ class Trainer:
                                            virtual_pipeline=bool(self.cfg.parallel.virtual_pipeline))
         with timer.phase("old_log_prob"):
             mismatch = recompute_log_probs(self.policy, minibatches, algorithm=a, layout=L)
+        t = self.cfg.trainer
+        if t.rollout_dump_every and step % t.rollout_dump_every == 0:
+            with timer.phase("rollout_dump"):
+                self._dump_rollouts(step, rollout, minibatches)
         self.stops.abandon_if_preempted(step)  # the last point before the weights change
         with timer.phase("train"):
             update = self.update(self.policy, minibatches)
@@ -143,6 +147,17 @@ class Trainer:
                             nonfinite_skipped=self.update.nonfinite_skipped,
                             forward_passes=1 + (self.reference is not None) + a.epochs,
                             correct_score=self.correct_score)
+
+    def _dump_rollouts(self, step: int, rollout, minibatches) -> None:
+        from megatron_cegppo.tracking.rollout_dump import write_rollout_dump
+        from megatron_cegppo.trainer.rollout_dumps import rollout_dump_rows, sequence_mismatch
+
+        t = self.cfg.trainer
+        per_response = sequence_mismatch(self.layout, minibatches)  # every rank: a collective
+        if self.reporting:
+            rows = rollout_dump_rows(rollout, per_response, self.tokenizer, groups=t.rollout_dump_groups,
+                                     group_size=self.sampling.n)
+            write_rollout_dump(t.run_dir, step, rows, max_bytes=t.rollout_dump_max_bytes)
 
     def push_weights(self) -> None:
         """Megatron's weights into vLLM, bucket by bucket."""
@@ -171,7 +186,8 @@ class Trainer:
                               allow_config_change=t.allow_config_change)
         barrier(self.layout)
         # a resumed run drops the records of the steps it runs again; a fresh one starts empty
-        writer = MetricsWriter(t.run_dir, enabled=self.reporting, truncate_after_step=self.start_step - 1)
+        writer = MetricsWriter(t.run_dir, enabled=self.reporting, truncate_after_step=self.start_step - 1,
+                               wandb=self._wandb_factory())
         # the job's end time (from the batch script) against the step and save times measured
         # so far, in this start and the previous ones
         self.stops.clock = clock = StopClock.from_env(measured=load_timing(t.run_dir))
@@ -230,6 +246,17 @@ class Trainer:
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val/"))
             print(f"[megatron-cegppo] validation after {completed_steps} step(s): {shown}", flush=True)
         return metrics
+
+    def _wandb_factory(self):
+        w = self.cfg.wandb
+        if not w.enabled:
+            return None
+        from functools import partial
+
+        from megatron_cegppo.tracking.wandb_logger import WandbLogger
+
+        return partial(WandbLogger, self.cfg.trainer.run_dir, project=w.project, name=w.name, tags=w.tags,
+                       mode=w.mode, config=to_dict(self.cfg))
 
     def _save_and_stop(self, step: int) -> bool:
         """After ``step``: a save when due or stopping; whether the run stops here."""

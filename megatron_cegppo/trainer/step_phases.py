@@ -78,7 +78,8 @@ def pack_minibatches(rollout: StepRollout, *, algorithm: AlgorithmConfig, layout
             rows = rows[L.dp_rank * per_rank:(L.dp_rank + 1) * per_rank]
             minibatches.append(build_microbatches(
                 rollout.prompts, [rollout.completions[i] for i in rows], rollout.advantages[rows],
-                positive=rollout.positive[rows], micro_batch_size=a.micro_batch_size, **common))
+                positive=rollout.positive[rows], sequence_index=torch.tensor(rows, dtype=torch.long),
+                micro_batch_size=a.micro_batch_size, **common))
             continue
         lengths = [rollout.length(i) for i in rows]
         mine = pack_microbatches(lengths, max_tokens=a.max_tokens_per_microbatch, dp_size=L.dp)[L.dp_rank]
@@ -89,6 +90,7 @@ def pack_minibatches(rollout: StepRollout, *, algorithm: AlgorithmConfig, layout
         minibatches.append(build_microbatches(
             rollout.prompts, [rollout.completions[rows[j]] for j in chosen],
             rollout.advantages[[rows[j] for j in chosen]], positive=rollout.positive[[rows[j] for j in chosen]],
+            sequence_index=torch.tensor([rows[j] for j in chosen], dtype=torch.long),
             packs=[[where[j] for j in pack] for pack in mine],
             packed_tokens=_round_up(a.max_tokens_per_microbatch, 8 * L.tp),
             attention=L.platform.packed_attention, **common))

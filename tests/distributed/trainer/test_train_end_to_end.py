@@ -2,7 +2,8 @@
 process), with a reference-model KL term and in-run validation: metrics are finite, the
 weights changed, every step's samples came from the weights pushed after the previous update
 (vLLM and Megatron log-probs agree), and validation ran before training and every 2 steps with
-each problem counted once however often its file repeats it."""
+each problem counted once however often its file repeats it; rollout dumps hold what was
+sampled."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_short_training_run(tmp_path):
         f"trainer.run_dir={run_dir}", "trainer.steps=3", "algorithm.prompts_per_step=8",
         "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
         "reward.name=test_contains_5", "algorithm.kl_coeff=0.01",
-        f"validation.datasets=[{held_out}]", "validation.every=2", "validation.k=2"]
+        f"validation.datasets=[{held_out}]", "validation.every=2", "validation.k=2",
+        "trainer.rollout_dump_every=2", "trainer.rollout_dump_groups=2"]
     ranks = run_distributed(worker, 2, overrides, timeout=600)
     history, final = ranks[0]
     assert len(history) == 3
@@ -73,6 +75,14 @@ def test_short_training_run(tmp_path):
         assert line["val/held_out/avg@2"] == pytest.approx(2 / 3) and line["val/held_out/pass@2"] == pytest.approx(2 / 3)
         assert line["time/validation"] > 0
     assert (run_dir / "config.yaml").exists()
+    dumps = sorted(p.name for p in (run_dir / "rollouts").iterdir())
+    assert dumps == ["step_00000000.jsonl", "step_00000002.jsonl"], dumps
+    for name in dumps:
+        rows = [json.loads(line) for line in (run_dir / "rollouts" / name).read_text().splitlines()]
+        assert [r["group"] for r in rows] == [0] * 4 + [1] * 4  # 2 groups of rollout.n=4
+        for r in rows:  # the reward of the text shown, and vLLM sampled from Megatron's weights
+            assert r["reward"] == contains_5(r["response"], "") and r["length"] > 0, r
+            assert r["logprob_mismatch_mean"] < 1e-3, r
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert plots == ["clipping.png", "entropy.png", "quadrants.png", "reward.png", "validation.png"], plots
     for name in plots:

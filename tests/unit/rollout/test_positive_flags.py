@@ -36,7 +36,7 @@ def test_packed_rows_keep_their_flags():
 
 
 def test_flag_count_must_match():
-    with pytest.raises(ValueError, match="4 completions but 3 positive flags"):
+    with pytest.raises(ValueError, match="4 completions but 3 positive values"):
         build_microbatches(PROMPTS, COMPLETIONS, torch.ones(4), pad_id=0, seq_len=8, place=lambda b: b,
                            positive=POSITIVE[:3], micro_batch_size=2)
 
