@@ -3,7 +3,7 @@ process), with a reference-model KL term and in-run validation: metrics are fini
 weights changed, every step's samples came from the weights pushed after the previous update
 (vLLM and Megatron log-probs agree), and validation ran before training and every 2 steps with
 each problem counted once however often its file repeats it; rollout dumps hold what was
-sampled."""
+sampled; the records reach Weights & Biases (offline)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_short_training_run(tmp_path):
         "algorithm.micro_batch_size=16", "rollout.n=4", "algorithm.max_sampling_rounds=1",
         "reward.name=test_contains_5", "algorithm.kl_coeff=0.01",
         f"validation.datasets=[{held_out}]", "validation.every=2", "validation.k=2",
-        "trainer.rollout_dump_every=2", "trainer.rollout_dump_groups=2"]
+        "trainer.rollout_dump_every=2", "trainer.rollout_dump_groups=2", "wandb.enabled=true", "wandb.mode=offline"]
     ranks = run_distributed(worker, 2, overrides, timeout=600)
     history, final = ranks[0]
     assert len(history) == 3
@@ -83,6 +83,8 @@ def test_short_training_run(tmp_path):
         for r in rows:  # the reward of the text shown, and vLLM sampled from Megatron's weights
             assert r["reward"] == contains_5(r["response"], "") and r["length"] > 0, r
             assert r["logprob_mismatch_mean"] < 1e-3, r
+    (logged,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # W&B, offline: one run
+    assert b"reward_mean" in logged.read_bytes() and b"val/held_out/avg@2" in logged.read_bytes()
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert plots == ["clipping.png", "entropy.png", "quadrants.png", "reward.png", "validation.png"], plots
     for name in plots:
