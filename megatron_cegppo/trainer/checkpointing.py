@@ -115,10 +115,10 @@ class TrainerCheckpoints:
         if chosen is None:
             return None
         state = json.loads((chosen / STATE_NAME).read_text())
-        self._check_config(chosen, state.get("config"), config)
-        if state["model"] != dataclasses.asdict(policy.arch):
+        if state["model"] != dataclasses.asdict(policy.arch):  # the more specific refusal first
             raise CheckpointError(f"{chosen} holds a different model: {state['model']} vs "
                                   f"{dataclasses.asdict(policy.arch)}")
+        self._check_config(chosen, state.get("config"), config)
         load_model_and_optimizer(policy.model, policy.optimizer, chosen / "megatron")
         sampler.load_state_dict(state["sampler"])
         rng_file = chosen / "rng" / f"rank_{self.layout.rank:05d}.pt"
