@@ -26,6 +26,7 @@ class ValidationSet:
     token_ids: list  # per row, fitted to the model
     problem: list  # per row: the index of its problem (rows with one prompt share one)
     truncated: int  # rows whose prompt was cut (data.truncation)
+    message: str  # one line saying so ("" when none was), for the reporting rank to print
 
 
 def load_validation_set(cfg: Config, tokenizer: Any, path: str, *, max_tokens: int) -> ValidationSet:
@@ -38,12 +39,10 @@ def load_validation_set(cfg: Config, tokenizer: Any, path: str, *, max_tokens: i
     records = load_prompts(path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
     limit = replace(cfg, rollout=replace(cfg.rollout, max_tokens=max_tokens))
     fitted = tokenize_prompts(tokenizer, records, limit, source=path)
-    if fitted.message:
-        print(f"[megatron-cegppo] {fitted.message}", flush=True)
     ids: dict = {}
     problem = [ids.setdefault(tuple(t), len(ids)) for t in fitted.token_ids]
     stem = os.path.splitext(os.path.basename(path))[0]
-    return ValidationSet(stem, path, records, fitted.token_ids, problem, fitted.truncated)
+    return ValidationSet(stem, path, records, fitted.token_ids, problem, fitted.truncated, fitted.message)
 
 
 def validation_seed(seed: int, step: int, row: int) -> int:
@@ -108,8 +107,8 @@ def validation_sampling(cfg: Config):
     from megatron_cegppo.rollout import SamplingConfig
 
     v = cfg.validation
-    return SamplingConfig(n=v.k, temperature=v.temperature, top_p=v.top_p,
-                          max_tokens=v.max_tokens or cfg.rollout.max_tokens, stop=tuple(cfg.rollout.stop))
+    return SamplingConfig.from_rollout(cfg.rollout, n=v.k, temperature=v.temperature, top_p=v.top_p,
+                                       max_tokens=v.max_tokens or cfg.rollout.max_tokens)
 
 
 def evaluate_file(cfg: Config, data_path: str, *, k: int) -> dict:
@@ -124,11 +123,12 @@ def evaluate_file(cfg: Config, data_path: str, *, k: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     r = cfg.rollout
     vset = load_validation_set(cfg, tokenizer, data_path, max_tokens=r.max_tokens)
+    if vset.message:
+        print(f"[megatron-cegppo] {vset.message}", flush=True)
     engine = RolloutEngine(cfg.model.path, EngineConfig(
         tensor_parallel_size=1, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
         kv_cache_bytes=r.kv_cache_bytes, gpu_memory_utilization=r.gpu_memory_utilization), seed=cfg.trainer.seed)
-    sampling = SamplingConfig(n=k, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
-                              stop=tuple(r.stop))
+    sampling = SamplingConfig.from_rollout(r, n=k)
     scored = sample_and_score(engine, vset, list(range(len(vset.records))), sampling, reward=cfg.reward.name,
                               seed=cfg.trainer.seed, step=0)
     avg, passed, samples = score_rows(vset, [scored], k=k, correct_score=reward_correct_score(cfg.reward.name))

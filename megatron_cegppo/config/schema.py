@@ -155,14 +155,20 @@ class TrainerConfig:
     rollout_dump_max_bytes: int = 4 << 20
 
 
+def prompt_token_limit(cfg: "Config") -> int:
+    """The most tokens a prompt may have: ``data.max_prompt_tokens``, else what the model leaves
+    beside a full response, ``rollout.max_model_len - rollout.max_tokens``."""
+    if cfg.data.max_prompt_tokens is not None:
+        return cfg.data.max_prompt_tokens
+    return cfg.rollout.max_model_len - cfg.rollout.max_tokens
+
+
 def training_positions(cfg: "Config") -> int:
     """The most model positions a training sequence takes (prompt + response - 1,
-    label-aligned): the prompt limit (``data.max_prompt_tokens``, else what the model leaves
-    beside a response) plus ``rollout.max_tokens``, within ``rollout.max_model_len`` (which
-    may be longer, for validation's longer responses)."""
+    label-aligned): :func:`prompt_token_limit` plus ``rollout.max_tokens``, within
+    ``rollout.max_model_len`` (which may be longer, for validation's longer responses)."""
     r = cfg.rollout
-    prompt = cfg.data.max_prompt_tokens if cfg.data.max_prompt_tokens is not None else r.max_model_len - r.max_tokens
-    return min(prompt + r.max_tokens, r.max_model_len) - 1
+    return min(prompt_token_limit(cfg) + r.max_tokens, r.max_model_len) - 1
 
 
 @dataclass

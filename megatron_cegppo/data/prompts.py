@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from megatron_cegppo.config.schema import TRUNCATION_MODES, Config
+from megatron_cegppo.config.schema import TRUNCATION_MODES, Config, prompt_token_limit
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -180,14 +180,6 @@ def apply_chat_template(tokenizer: Any, prompt: Prompt, use_chat_template: Optio
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
-
-
-def prompt_token_limit(cfg: Config) -> int:
-    """The most tokens a prompt may have: ``data.max_prompt_tokens``, else what the model leaves
-    beside a full response, ``rollout.max_model_len - rollout.max_tokens``."""
-    if cfg.data.max_prompt_tokens is not None:
-        return cfg.data.max_prompt_tokens
-    return cfg.rollout.max_model_len - cfg.rollout.max_tokens
 
 
 class FittedPrompts(NamedTuple):

@@ -58,6 +58,14 @@ class SamplingConfig:
     max_tokens: int = _ROLLOUT.max_tokens
     stop: tuple[str, ...] = tuple(_ROLLOUT.stop)
 
+    @classmethod
+    def from_rollout(cls, rollout: RolloutConfig, **changes) -> "SamplingConfig":
+        """The run config's ``rollout`` sampling settings, with ``changes`` (validation's and
+        eval's own temperature, samples per prompt, ...)."""
+        settings = dict(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p,
+                        max_tokens=rollout.max_tokens, stop=tuple(rollout.stop))
+        return cls(**{**settings, **changes})
+
     def __post_init__(self) -> None:
         # the ranges the run config's rollout settings are held to (config.validate)
         found = [setting_problem(f"rollout.{name}", getattr(self, name))

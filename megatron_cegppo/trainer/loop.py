@@ -54,7 +54,8 @@ class Trainer:
         from megatron_cegppo.data.prompts import load_training_prompts
         from megatron_cegppo.data.sampler import ShuffledSampler
         from megatron_cegppo.rewards.registry import reward_correct_score
-        from megatron_cegppo.trainer.rollout_phase import RolloutPhase, sampling_config, start_engine
+        from megatron_cegppo.rollout.engine import SamplingConfig
+        from megatron_cegppo.trainer.rollout_phase import RolloutPhase, start_engine
         from megatron_cegppo.trainer.validation_phase import InRunValidation
 
         self.cfg = cfg
@@ -74,7 +75,7 @@ class Trainer:
 
         # generation: the engine first, as vLLM reseeds the global RNG (megatron's is seeded after)
         self.engine = engine if engine is not None else start_engine(cfg.model, cfg.rollout, seed=cfg.trainer.seed)
-        self.sampling = sampling_config(cfg.rollout)
+        self.sampling = SamplingConfig.from_rollout(cfg.rollout)
         self.correct_score = reward_correct_score(cfg.reward.name)
         self.rollout = RolloutPhase(self.engine, self.layout, self.prompts, reward=cfg.reward.name,
                                     sampling=self.sampling, seed=cfg.trainer.seed)

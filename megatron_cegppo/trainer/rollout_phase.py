@@ -41,11 +41,6 @@ def start_engine(model: ModelConfig, rollout: RolloutConfig, *, seed: int) -> Ro
         load_format="dummy"), seed=seed)
 
 
-def sampling_config(rollout: RolloutConfig) -> SamplingConfig:
-    return SamplingConfig(n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p,
-                          max_tokens=rollout.max_tokens, stop=tuple(rollout.stop))
-
-
 def request_seed(seed: int, step: int, round_: int, prompt_index: int) -> int:
     """The same on every rank (engines of one rollout-TP group must sample alike) and new
     for every step, round and prompt."""

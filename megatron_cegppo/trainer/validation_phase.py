@@ -20,6 +20,9 @@ class InRunValidation:
         self.sampling = validation_sampling(cfg)
         self.sets = [load_validation_set(cfg, tokenizer, path, max_tokens=self.sampling.max_tokens)
                      for path in cfg.validation.datasets]
+        for vset in self.sets:
+            if vset.message and layout.rank == 0:
+                print(f"[megatron-cegppo] {vset.message}", flush=True)
 
     def due(self, completed_steps: int, *, last: bool) -> bool:
         """After ``completed_steps`` steps (0: before training)."""

@@ -23,7 +23,7 @@ def test_repeated_rows_are_one_problem_sampled_more():
 
 
 def test_summary_names_the_set_and_checks_every_row_was_sampled():
-    vset = ValidationSet("aime24", "aime24.json", [{"answer": "1"}] * 2, [[1], [1]], [0, 0], 0)
+    vset = ValidationSet("aime24", "aime24.json", [{"answer": "1"}] * 2, [[1], [1]], [0, 0], 0, "")
     parts = [Scored([0], [], [1.0]), Scored([1], [], [-1.0])]
     assert summarize(vset, parts, k=1, correct_score=1.0) == {"val/aime24/avg@2": 0.5, "val/aime24/pass@2": 1.0}
     with pytest.raises(RuntimeError, match="not every row got its 1 sample"):

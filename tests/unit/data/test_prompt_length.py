@@ -106,7 +106,8 @@ def test_evaluate_refuses_long_prompts_before_the_engine(tmp_path, monkeypatch):
             return [SimpleNamespace(prompt_index=i, text="\\boxed{2}") for i in range(len(prompts))]
 
     # a stand-in for the rollout package: vLLM is neither needed nor imported
-    rollout = SimpleNamespace(RolloutEngine=Engine, EngineConfig=SimpleNamespace, SamplingConfig=SimpleNamespace)
+    sampling = SimpleNamespace(from_rollout=lambda rollout, **changes: SimpleNamespace(**changes))
+    rollout = SimpleNamespace(RolloutEngine=Engine, EngineConfig=SimpleNamespace, SamplingConfig=sampling)
     monkeypatch.setitem(sys.modules, "megatron_cegppo.rollout", rollout)
     cfg = Config()
     cfg.model.path, cfg.reward.name = str(tmp_path), "arithmetic"
