@@ -76,23 +76,35 @@ def minibatch_loss_normalizer(
     masks = list(loss_masks)
     if not masks:
         raise ValueError("a mini-batch needs at least one micro-batch")
-    # on the masks' device: NCCL groups refuse CPU tensors (also in a world of one)
-    total = torch.zeros((), dtype=torch.float32, device=masks[0].device)
-    for m in masks:
-        total = total + loss_normalizer(m.bool(), loss_agg_mode, clamp=False)
-    if dp_group is not None:
-        dist.all_reduce(total, group=dp_group)
-    return total.clamp(min=1.0)
+    return _summed_over_ranks([loss_normalizer(m.bool(), loss_agg_mode, clamp=False) for m in masks], dp_group)
 
 
 def positive_loss_normalizer(micro: Iterable[MicroBatch], loss_agg_mode: str, dp_group=None) -> torch.Tensor:
     """The denominator of the positive-sample NLL term over a whole mini-batch: the loss's
     own mode over the correct responses only (their tokens, their number, or their number x
-    length), as if they were a batch of their own."""
+    length), as if they were a batch of their own. Counted with masks, not by selecting the
+    rows: no device-to-host sync."""
     micro = [as_microbatch(m) for m in micro]
-    if any(m.positive is None for m in micro):
+    if not micro or any(m.positive is None for m in micro):
         raise ValueError("the positive-sample NLL term needs every micro-batch's 'positive' flags")
-    return minibatch_loss_normalizer([m.loss_mask[m.positive.bool()] for m in micro], loss_agg_mode, dp_group)
+    counts = []
+    for m in micro:
+        rows = m.positive.bool()
+        if loss_agg_mode == "seq-mean-token-sum-norm":  # a constant per row: their number x length
+            counts.append(rows.sum().to(torch.float32) * m.loss_mask.shape[-1])
+        else:  # tokens or non-empty sequences: the rows left out count nothing
+            counts.append(loss_normalizer(m.loss_mask.bool() & rows.unsqueeze(-1), loss_agg_mode, clamp=False))
+    return _summed_over_ranks(counts, dp_group)
+
+
+def _summed_over_ranks(counts: list, dp_group) -> torch.Tensor:
+    # on the counts' device: NCCL groups refuse CPU tensors (also in a world of one)
+    total = torch.zeros((), dtype=torch.float32, device=counts[0].device)
+    for c in counts:
+        total = total + c
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    return total.clamp(min=1.0)
 
 
 def _tp_group(core: torch.nn.Module):
@@ -185,7 +197,7 @@ def _policy_loss_func(spec: PolicyLossSpec, batch: MicroBatch, core, scale: floa
         if batch.positive is None or batch.positive_normalizer is None:
             raise ValueError("positive_loss_coeff > 0 needs the micro-batch's 'positive' flags and "
                              "'positive_normalizer' (positive_loss_normalizer)")
-        positive = mask & batch.positive.bool()[:, None]
+        positive = mask & batch.positive.bool().unsqueeze(-1)
         nll = aggregate_loss(-log_prob, positive, spec.loss_agg_mode, normalizer=batch.positive_normalizer)
         loss = loss + spec.positive_loss_coeff * nll
         metrics["positive_nll"] = nll.detach()  # this micro-batch's share, like "loss"

@@ -31,7 +31,7 @@ def _worker(rank, world):
     )
 
     from megatron_cegppo.cpu_compat import apply_cpu_compat
-    from megatron_cegppo.parallel.pipeline_loss import minibatch_loss_normalizer
+    from megatron_cegppo.parallel.pipeline_loss import minibatch_loss_normalizer, positive_loss_normalizer
     from megatron_cegppo.platform import Platform
     from megatron_cegppo.rollout.batch import build_microbatches
     from megatron_cegppo.rollout.engine import Completion
@@ -61,9 +61,10 @@ def _worker(rank, world):
         except FakeTensorDeviceMismatchError as exc:
             out["unplaced"] = f"mismatch: {exc}"
 
-        micro = build_microbatches(prompts, completions, advantages, place=gpu.place, **kw)
+        per_sequence = dict(positive=torch.tensor([True, False]), sequence_index=torch.tensor([0, 1]))
+        micro = build_microbatches(prompts, completions, advantages, place=gpu.place, **per_sequence, **kw)
         packed = build_microbatches(prompts, completions, advantages, place=gpu.place, pad_id=0, seq_len=seq,
-                                    packs=[[0, 1]], packed_tokens=16)
+                                    packs=[[0, 1]], packed_tokens=16, **per_sequence)
         out["devices"] = sorted({str(t.device) for m in micro + packed for t in vars(m).values()
                                  if isinstance(t, torch.Tensor)})
         out["packed_fields"] = sorted(k for k, t in vars(packed[0]).items() if isinstance(t, torch.Tensor))
@@ -74,6 +75,8 @@ def _worker(rank, world):
             norm = minibatch_loss_normalizer([m.loss_mask for m in micro], "token-mean",
                                              parallel_state.get_data_parallel_group())
             out["normalizer"] = str(norm.device)
+            positive = positive_loss_normalizer(micro, "token-mean", parallel_state.get_data_parallel_group())
+            out["positive_normalizer"] = str(positive.device)
             stops = StopRequests(SimpleNamespace(platform=gpu, world=1, rank=0), run_dir="/nonexistent")
             stops.requested = True
             try:
@@ -96,11 +99,12 @@ def test_microbatches_and_collectives_live_on_the_model_device():
     (out,) = run_distributed(_worker, 1, timeout=300)
     assert out["unplaced"].startswith("mismatch"), out["unplaced"]  # the check can fail
     assert out["devices"] == ["cuda:0"]
-    assert {"attention_mask", "unpack_index", "input_ids", "loss_mask"} <= set(out["packed_fields"])
+    assert {"attention_mask", "unpack_index", "input_ids", "loss_mask", "positive", "sequence_index"} <= set(
+        out["packed_fields"])
     assert out["embedding_packed"] == "cuda:0"
-    assert out["embedding"] == "cuda:0" and out["normalizer"] == "cuda:0"
+    assert out["embedding"] == "cuda:0" and out["normalizer"] == "cuda:0" and out["positive_normalizer"] == "cuda:0"
     assert out["stop"] == "agreed", out["stop"]
     names = [name for name, _ in out["collectives"]]
-    assert names == ["all_reduce", "all_reduce"], names  # the normalizer, the stop flag
+    assert names == ["all_reduce"] * 3, names  # the normalizers (loss, positive NLL), the stop flag
     assert all(d == "cuda:0" for _, devices in out["collectives"] for d in devices), out["collectives"]
     assert "cpu" in out["cpu_flag"], out["cpu_flag"]
