@@ -11,8 +11,8 @@ PY="${CEGPPO_VENV:-$ROOT/.venv}/bin/python"
 if [ "$#" -gt 0 ]; then
   exec "$PY" -m pytest "$@"
 fi
-"$PY" -m pytest -q tests/unit
-"$PY" -m pytest -q -m distributed tests/distributed
+"$PY" -m pytest -q --durations=15 tests/unit
+"$PY" -m pytest -q --durations=40 -m distributed tests/distributed
 # A real Slurm cluster on this machine (2 fake nodes; installs munge/slurmctld/slurmd as root).
 SLURM_CI_NODES=2 bash tests/slurm/local-cluster.sh up
-"$PY" -m pytest -q -m slurm tests/slurm
+"$PY" -m pytest -q --durations=10 -m slurm tests/slurm

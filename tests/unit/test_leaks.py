@@ -13,7 +13,9 @@ import psutil
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 
 INNER = '''
-import subprocess, pytest
+import subprocess, time
+
+import psutil, pytest
 
 def test_leaks_a_child():
     subprocess.Popen(["sleep", "6001"])
@@ -25,8 +27,14 @@ def test_child_that_exits_in_the_grace_time():
     subprocess.Popen(["sleep", "0.3"])
 
 def test_foreign_process():
-    # what another session's process looks like: not a descendant, not carrying the token
-    subprocess.run(["sh", "-c", "env -u MEGATRON_CEGPPO_TEST_RUNNER sleep 6004 & exit 0"], check=True)
+    # what another session's process looks like: not a descendant, not carrying the token.
+    # Waited for until it runs as sleep: until its exec it is the runner's shell, token and all.
+    out = subprocess.run(["sh", "-c", "env -u MEGATRON_CEGPPO_TEST_RUNNER sleep 6004 >/dev/null 2>&1 & echo $!"],
+                         check=True, capture_output=True, text=True).stdout
+    foreign, deadline = psutil.Process(int(out)), time.monotonic() + 60
+    while foreign.cmdline() != ["sleep", "6004"]:
+        assert time.monotonic() < deadline, foreign.cmdline()
+        time.sleep(0.01)
 
 def test_runner_helper_may_stay():
     from megatron_cegppo.rewards.math_verify_reward import call_bounded
