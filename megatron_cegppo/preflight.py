@@ -30,8 +30,9 @@ def file_problems(cfg: Config) -> list[str]:
     """Every problem of the files ``cfg`` names (empty: none found)."""
     validation = [problem for i, path in enumerate(cfg.validation.datasets)
                   for problem in prompt_file_problems(cfg.data, path, f"validation.datasets[{i}]")]
-    return (prompt_file_problems(cfg.data) + validation + model_folder_problems(cfg.model.path)
-            + run_dir_problems(cfg.trainer.run_dir) + reward_problems(cfg.reward.name) + wandb_problems(cfg))
+    return (prompt_file_problems(cfg.data) + validation
+            + model_folder_problems(cfg.model.path, weights=not cfg.model.megatron_checkpoint)
+            + megatron_checkpoint_problems(cfg.model.megatron_checkpoint) + run_dir_problems(cfg.trainer.run_dir) + reward_problems(cfg.reward.name) + wandb_problems(cfg))
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -79,8 +80,9 @@ def _row_problems(path: str, data: DataConfig, setting: str) -> list[str]:
 # ---- model folder ---------------------------------------------------------------------------
 
 
-def model_folder_problems(path: str) -> list[str]:
-    """The HF folder holds a config.json, safetensors weights whose shapes are the config's,
+def model_folder_problems(path: str, weights: bool = True) -> list[str]:
+    """The HF folder holds a config.json, safetensors weights whose shapes are the config's
+    (unless ``weights`` is false: the weights come from elsewhere, and any there are checked),
     and a tokenizer whose ids fit the config's vocabulary."""
     if not path:
         return []  # validate() names a missing model.path
@@ -92,7 +94,7 @@ def model_folder_problems(path: str) -> list[str]:
     out: list[str] = []
     config = _read_model_config(folder, out)
     before = len(out)
-    tensors = _read_weight_shapes(folder, out)
+    tensors = _read_weight_shapes(folder, out) if weights or _has_weights(folder) else {}
     complete = len(out) == before  # a missing or unreadable file: its tensors are not "lacking"
     vocab = _tokenizer_largest_id(folder, out)
     fields = _shape_fields(folder, config, out) if config is not None else None
@@ -104,6 +106,24 @@ def model_folder_problems(path: str) -> list[str]:
             out.append(f"model.path: the tokenizer ({source}) has token ids up to {largest}, beyond config.json's "
                        f"vocab_size={fields['vocab_size']} (ids 0..{fields['vocab_size'] - 1})")
     return out
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "model.safetensors.index.json").exists() or any(folder.glob("*.safetensors"))
+
+
+def megatron_checkpoint_problems(path: str) -> list[str]:
+    """A Megatron-LM save folder (or one iteration's folder) of the torch_dist format; its
+    tensors' shapes are checked when they are read (they need torch)."""
+    if not path:
+        return []
+    from megatron_cegppo.checkpoint.megatron_lm import MegatronCheckpointError, resolve_iteration_dir
+
+    try:
+        resolve_iteration_dir(path)
+    except MegatronCheckpointError as e:
+        return [str(e)]
+    return []
 
 
 def _read_json(path: Path, out: list[str]) -> Optional[Any]:

@@ -23,6 +23,11 @@ class ModelConfig:
     # an HF config.json giving the model's shape, for `plan` before the weights are at hand;
     # default: <path>/config.json
     architecture: str = ""
+    # start from a Megatron-LM torch_dist checkpoint (a save folder with
+    # latest_checkpointed_iteration.txt, or one iter_NNNNNNN folder), saved at any TP/PP: its
+    # model tensors instead of path's weights (path still gives the architecture and the
+    # tokenizer). A resume reads the run's own checkpoints.
+    megatron_checkpoint: str = ""
 
 
 @dataclass

@@ -64,6 +64,7 @@ HARMLESS_PREFIXES = (
     "rollout.gpu_memory_utilization", "rollout.weight_bucket_bytes",
     "validation.",  # measured beside training, with its own seeds: the training is the same
     "wandb.",
+    "model.megatron_checkpoint",  # read by a fresh start only: a resume reads the run's checkpoints
 )
 
 

@@ -61,13 +61,14 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, algorithm: Al
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_cegppo.losses import loss_kwargs
-    from megatron_cegppo.models import build_gpt_from_hf, import_hf_weights, read_hf_config
+    from megatron_cegppo.models import build_gpt_from_hf, read_hf_config
     from megatron_cegppo.parallel.pipeline_loss import PolicyLossSpec
     from megatron_cegppo.trainer.optim import build_optimizer
 
     model_parallel_cuda_manual_seed(seed)
     bf16 = model_cfg.dtype == "bfloat16"
     hf_config = read_hf_config(model_cfg.path)
+    start = _starting_weights(model_cfg)
 
     def build():
         # bf16: parameters and activations in bf16, fp32 master weights in the optimizer
@@ -82,11 +83,11 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, algorithm: Al
         )
 
     arch, tconfig, chunks, padded = build()
-    import_hf_weights(chunks, model_cfg.path, arch, padded)
+    start.load(chunks, arch, padded)
     reference = None
     if algorithm.kl_coeff > 0:
         _, _, reference, _ = build()
-        import_hf_weights(reference, model_cfg.path, arch, padded)
+        start.load(reference, arch, padded)
         for chunk in reference:
             chunk.requires_grad_(False)
     tconfig.finalize_model_grads_func = finalize_model_grads
@@ -99,3 +100,30 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, algorithm: Al
                           positive_loss_coeff=a.positive_loss_coeff)
     return Policy(arch=arch, tconfig=tconfig, model=model, optimizer=build_optimizer(optim, model, bf16=bf16),
                   reference=reference, spec=spec)
+
+
+@dataclass
+class StartingWeights:
+    """Where a fresh policy's weights come from: the HF folder, or a Megatron-LM checkpoint."""
+
+    hf_folder: str
+    megatron_dir: Optional[object] = None  # pathlib.Path of the checkpoint's iteration folder
+
+    def load(self, chunks: list, arch, padded_vocab: int) -> None:
+        """This rank's slices of its stage's tensors, into ``chunks``."""
+        if self.megatron_dir is not None:
+            from megatron_cegppo.checkpoint.megatron_lm import load_megatron_lm_model
+
+            load_megatron_lm_model(chunks, self.megatron_dir, vocab_size=arch.vocab_size)
+        else:
+            from megatron_cegppo.models import import_hf_weights
+
+            import_hf_weights(chunks, self.hf_folder, arch, padded_vocab)
+
+
+def _starting_weights(model_cfg: ModelConfig) -> StartingWeights:
+    if not model_cfg.megatron_checkpoint:
+        return StartingWeights(model_cfg.path)
+    from megatron_cegppo.checkpoint.megatron_lm import resolve_iteration_dir
+
+    return StartingWeights(model_cfg.path, resolve_iteration_dir(model_cfg.megatron_checkpoint))

@@ -51,7 +51,7 @@ def worker(rank, world, folders, tp, pp):
     from megatron_cegppo.models import build_gpt_from_hf, export_hf_weights, import_hf_weights, read_hf_config, read_hf_state
     from megatron_cegppo.cpu_compat import apply_cpu_compat
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_cegppo.testing.logits import forward_logits
 
     apply_cpu_compat()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -61,26 +61,7 @@ def worker(rank, world, folders, tp, pp):
         hf_config = read_hf_config(folder)
         arch, config, chunks, padded = build_gpt_from_hf(hf_config, tp=tp, pp=pp)
         import_hf_weights(chunks, read_hf_state(folder), arch, padded)
-        collected = []
-
-        def forward_step(data_iterator, model):
-            t = next(data_iterator)
-            output = model(t, torch.arange(t.shape[1]).expand_as(t), None)
-
-            def loss_func(logits):
-                collected.append(logits.detach())
-                return logits.sum() * 0, {}
-            return output, loss_func
-
-        with torch.no_grad():
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]),
-                                        model=chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
-                                        micro_batch_size=tokens.shape[0], forward_only=True)
-        logits = None
-        if collected:  # last stage: gather the vocabulary shards
-            shards = [torch.empty_like(collected[0]) for _ in range(tp)]
-            torch.distributed.all_gather(shards, collected[0], group=parallel_state.get_tensor_model_parallel_group())
-            logits = torch.cat(shards, dim=-1)[..., :arch.vocab_size]
+        logits = forward_logits(chunks[0], tokens, arch.vocab_size)
         exported = dict(export_hf_weights(chunks, arch, bucket_bytes=64 << 10))
         out[key] = (logits, exported if rank == 0 else None)
     return out

@@ -401,3 +401,30 @@ def test_unknown_reward(cfg, monkeypatch):
     one_problem(file_problems(cfg), "reward.name: unknown reward 'mathh'", "arithmetic, math")
     monkeypatch.setitem(registry._REWARDS, "mathh", lambda response, answer: 0.0)  # registered by the user
     assert file_problems(cfg) == []
+
+
+# ---- a Megatron-LM checkpoint ---------------------------------------------------------------
+
+
+def write_megatron_lm_save(save: Path) -> Path:
+    (save / "iter_0000007").mkdir(parents=True)
+    (save / "iter_0000007" / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    (save / "latest_checkpointed_iteration.txt").write_text("7")
+    return save
+
+
+def test_a_bad_megatron_checkpoint_is_named_with_the_rest(cfg, tmp_path):
+    cfg.model.megatron_checkpoint = str(tmp_path / "nope")
+    cfg.reward.name = "nope"
+    found = file_problems(cfg)
+    assert [p.split(":")[0] for p in found] == ["model.megatron_checkpoint", "reward.name"], found
+    assert "does not exist" in found[0]
+
+
+def test_with_a_megatron_checkpoint_the_hf_folder_needs_no_weights(cfg, tmp_path):
+    (Path(cfg.model.path) / "model.safetensors").unlink()
+    one_problem(file_problems(cfg), "has no *.safetensors weights")
+    cfg.model.megatron_checkpoint = str(write_megatron_lm_save(tmp_path / "save"))
+    assert file_problems(cfg) == []
+    edit_config(Path(cfg.model.path), vocab_size=10)  # the tokenizer still has to fit
+    one_problem(file_problems(cfg), "beyond config.json's vocab_size=10")

@@ -28,7 +28,8 @@ def test_a_result_altering_change_is_refused_naming_it(tmp_path):
 
 
 def test_harmless_changes_and_an_explicit_allowance_pass(tmp_path):
-    checkpoints, given = _checkpoints(tmp_path, "trainer.steps=50", "parallel.tensor=2")
+    checkpoints, given = _checkpoints(tmp_path, "trainer.steps=50", "parallel.tensor=2",
+                                      "model.megatron_checkpoint=/moved/sft")  # read by fresh starts only
     _, saved = _checkpoints(tmp_path)
     checkpoints._check_config(tmp_path, saved, given)
     checkpoints, given = _checkpoints(tmp_path, "algorithm.beta1=0.75", "trainer.allow_config_change=true")
