@@ -81,6 +81,22 @@ class RewardConfig:
 
 
 @dataclass
+class EntropyControlConfig:
+    """beta1 and beta2 moved between steps so that token entropy settles in a band around a
+    target (loss cegppo; see megatron_cegppo.algorithms.entropy_control)."""
+
+    enabled: bool = False
+    target: float = 0.0  # absolute token entropy (nats); 0: target_fraction x the starting entropy
+    target_fraction: float = 0.8  # of the mean entropy of the warm-up steps
+    band: float = 0.1  # entropy within target x (1 +- band) is on target
+    warmup_steps: int = 5  # steps that only measure (the starting entropy)
+    kp: float = 1.0  # proportional gain, on the relative error
+    ki: float = 0.2  # integral gain
+    beta_min: float = 0.05  # bounds of both betas
+    beta_max: float = 2.0
+
+
+@dataclass
 class AlgorithmConfig:
     loss: str = "cegppo"  # cegppo | ppo | cispo | gspo
     eps_low: float = 0.2
@@ -115,6 +131,7 @@ class AlgorithmConfig:
     # of the mini-batch; the authors' scripts use 0.1 (positive_loss_coeff)
     positive_loss_coeff: float = 0.0
     tis_cap: Optional[float] = None  # truncated importance sampling vs the rollout engine
+    entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
 
 
 @dataclass

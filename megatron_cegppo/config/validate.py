@@ -7,7 +7,7 @@ by a setting that may be zero, and :func:`problems` never raises."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
 from megatron_cegppo.config.errors import ConfigError
@@ -127,6 +127,14 @@ RULES: dict[str, Rule] = {
     "algorithm.kl_coeff": no_less(0),
     "algorithm.positive_loss_coeff": no_less(0),
     "algorithm.tis_cap": optional(above(0)),
+    "algorithm.entropy_control.target": no_less(0),
+    "algorithm.entropy_control.target_fraction": above(0),
+    "algorithm.entropy_control.band": FRACTION,
+    "algorithm.entropy_control.warmup_steps": at_least(1),
+    "algorithm.entropy_control.kp": no_less(0),
+    "algorithm.entropy_control.ki": no_less(0),
+    "algorithm.entropy_control.beta_min": above(0),
+    "algorithm.entropy_control.beta_max": above(0),
     "optim.lr": above(0),
     "optim.min_lr": no_less(0),
     "optim.schedule": one_of(("constant", "cosine")),
@@ -166,12 +174,14 @@ def setting_problem(key: str, value: Any) -> Optional[str]:
     return None if ok else f"{key} must be {rule.wanted}, got {value!r}"
 
 
-def _settings(cfg: Config):
-    """(dotted key, value) of every setting."""
-    for section in fields(cfg):
-        values = getattr(cfg, section.name)
-        for f in fields(values):
-            yield f"{section.name}.{f.name}", getattr(values, f.name)
+def _settings(section, prefix: str = ""):
+    """(dotted key, value) of every setting, in sections and their subsections."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            yield from _settings(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
 
 
 def problems(cfg: Config, world_size: Optional[int] = None, *, train_data: bool = True) -> list[str]:
@@ -194,6 +204,7 @@ def problems(cfg: Config, world_size: Optional[int] = None, *, train_data: bool 
     out.extend(_parallel_problems(cfg, ok))
     out.extend(_length_problems(cfg, ok))
     out.extend(_batch_problems(cfg, ok))
+    out.extend(_entropy_control_problems(cfg, ok))
     if ok("optim.lr", "optim.min_lr") and cfg.optim.min_lr > cfg.optim.lr:
         out.append(f"optim.min_lr ({cfg.optim.min_lr}) must be <= optim.lr ({cfg.optim.lr})")
     if world_size is not None:
@@ -248,6 +259,24 @@ def _batch_problems(cfg: Config, ok) -> list[str]:
           and a.prompts_per_round is not None and a.prompts_per_round < a.prompts_per_step // a.minibatches):
         out.append(f"algorithm.prompts_per_round={a.prompts_per_round} is less than one mini-batch of "
                    f"{a.prompts_per_step // a.minibatches} groups (algorithm.prompts_per_step / minibatches)")
+    return out
+
+
+def _entropy_control_problems(cfg: Config, ok) -> list[str]:
+    a, c = cfg.algorithm, cfg.algorithm.entropy_control
+    if not c.enabled:
+        return []
+    out = []
+    if ok("algorithm.loss") and a.loss != "cegppo":
+        out.append(f"algorithm.entropy_control moves beta1 and beta2, which only algorithm.loss=cegppo has "
+                   f"(got {a.loss!r})")
+    keys = ("algorithm.beta1", "algorithm.beta2", "algorithm.entropy_control.beta_min",
+            "algorithm.entropy_control.beta_max")
+    if ok(*keys) and not (0 < c.beta_min <= min(a.beta1, a.beta2) and max(a.beta1, a.beta2) <= c.beta_max):
+        out.append(f"algorithm.entropy_control: beta1 ({a.beta1}) and beta2 ({a.beta2}) must lie within "
+                   f"[beta_min, beta_max] = [{c.beta_min}, {c.beta_max}] (they are moved in log space)")
+    if ok("algorithm.entropy_control.kp", "algorithm.entropy_control.ki") and c.kp == c.ki == 0:
+        out.append("algorithm.entropy_control: kp and ki are both 0 (the betas would never move)")
     return out
 
 

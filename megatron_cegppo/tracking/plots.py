@@ -33,6 +33,7 @@ class PlotSpec:
     ylabel: str
     keys: tuple[str, ...]
     rolling: bool = False  # add a trailing rolling mean (noisy per-step rewards)
+    requires: str = ""  # drawn only when this metric was logged
 
 
 STANDARD_PLOTS = (
@@ -44,6 +45,10 @@ STANDARD_PLOTS = (
              "fraction of tokens",
              ("quadrant/pa_hp_frac", "quadrant/pa_lp_frac",
               "quadrant/na_hp_frac", "quadrant/na_lp_frac")),
+    # the entropy-target controller (algorithm.entropy_control): its betas against its target
+    PlotSpec("entropy_control.png", "Entropy control: the betas used and the target",
+             "beta / entropy (nats/token)", ("control/beta1", "control/beta2", "control/target", "entropy"),
+             requires="control/beta1"),
 )
 
 
@@ -118,7 +123,7 @@ def plot_run(
     jobs: list[tuple[PlotSpec, list[str]]] = []
     for spec in STANDARD_PLOTS:
         drawn = [k for k in spec.keys if k in wanted]
-        if drawn:
+        if drawn and (not spec.requires or spec.requires in wanted):
             jobs.append((spec, drawn))
     validation = sorted(k for k in wanted if k.startswith(VALIDATION_PREFIX))
     if validation:  # one line per validation set and measure

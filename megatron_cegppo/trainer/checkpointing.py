@@ -26,6 +26,7 @@ class Resumed:
     path: Path
     step: int  # the step the checkpoint was saved after
     optimizer_steps: int
+    extra: dict = dataclasses.field(default_factory=dict)  # the trainer's other state (save's ``extra``)
 
 
 class TrainerCheckpoints:
@@ -37,14 +38,17 @@ class TrainerCheckpoints:
 
     # -- save ---------------------------------------------------------------------------------
 
-    def save(self, step: int, policy, *, sampler, optimizer_steps: int, config: dict) -> None:
+    def save(self, step: int, policy, *, sampler, optimizer_steps: int, config: dict,
+             extra: Optional[dict] = None) -> None:
         """Every rank calls it. Non-finite weights are never saved; a failed save is one
-        :class:`CheckpointError` naming why, the newest checkpoint untouched."""
+        :class:`CheckpointError` naming why, the newest checkpoint untouched. ``extra``: more of
+        the trainer's state, JSON (the same on every rank)."""
         if not all_finite(self.layout, policy.parameters()):
             raise NonFiniteError(f"the weights after step {step} are not finite: not saved (the last checkpoint, "
                                  f"step {self.last_saved_step}, is untouched)")
         try:
-            self._write(step, policy, sampler=sampler, optimizer_steps=optimizer_steps, config=config)
+            self._write(step, policy, sampler=sampler, optimizer_steps=optimizer_steps, config=config,
+                        extra=extra or {})
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # torch.distributed.checkpoint raises BaseExceptions
@@ -56,7 +60,7 @@ class TrainerCheckpoints:
                                   f"{kept}") from exc
         self.last_saved_step = step
 
-    def _write(self, step: int, policy, *, sampler, optimizer_steps: int, config: dict) -> None:
+    def _write(self, step: int, policy, *, sampler, optimizer_steps: int, config: dict, extra: dict) -> None:
         from megatron_cegppo.checkpoint.megatron_state import save_model_and_optimizer
         from megatron_cegppo.checkpoint.rng import capture_rng_state
 
@@ -72,6 +76,7 @@ class TrainerCheckpoints:
             (staging / STATE_NAME).write_text(json.dumps({
                 "step": step, "optimizer_steps": optimizer_steps, "sampler": sampler.state_dict(),
                 "model": dataclasses.asdict(policy.arch), "world_size": self.layout.world, "config": config,
+                "extra": extra,
             }, indent=1))
         barrier(self.layout)  # every rank's files are in staging: each hashes its share of them
         parts = gather_objects(self.layout, self.store.digest_share(step, self.layout.rank, self.layout.world))
@@ -127,7 +132,8 @@ class TrainerCheckpoints:
         self.last_saved_step = state["step"]
         if self.reporting:
             print(f"[megatron-cegppo] resumed from {chosen} at step {state['step'] + 1}", flush=True)
-        return Resumed(path=chosen, step=state["step"], optimizer_steps=state["optimizer_steps"])
+        return Resumed(path=chosen, step=state["step"], optimizer_steps=state["optimizer_steps"],
+                       extra=state.get("extra", {}))
 
     def _check_config(self, path: Path, saved: Optional[dict], config: dict) -> None:
         from megatron_cegppo.config.errors import ConfigError

@@ -17,6 +17,7 @@ from megatron_cegppo.config.errors import ConfigError
 from megatron_cegppo.trainer.checkpointing import TrainerCheckpoints
 from megatron_cegppo.trainer.collectives import barrier
 from megatron_cegppo.trainer.distributed import Layout, init_distributed
+from megatron_cegppo.trainer.entropy_steering import EntropySteering
 from megatron_cegppo.trainer.policy import build_policy
 from megatron_cegppo.trainer.policy_update import NonFiniteError, PolicyUpdate
 from megatron_cegppo.trainer.run_directory import lock_run_dir, prepare_for_start
@@ -94,6 +95,7 @@ class Trainer:
         self.start_step = resumed.step + 1 if resumed else 0
         if resumed:
             self.update.optimizer_steps = resumed.optimizer_steps
+        self.steering = EntropySteering.of(cfg.algorithm, resumed.extra if resumed else {})
         self.stops = StopRequests(self.layout, cfg.trainer.run_dir)
         self.push_weights()
 
@@ -139,15 +141,20 @@ class Trainer:
             with timer.phase("rollout_dump"):
                 self._dump_rollouts(step, rollout, minibatches)
         self.stops.abandon_if_preempted(step)  # the last point before the weights change
+        steered = self.steering.apply(self.policy) if self.steering else {}
         with timer.phase("train"):
             update = self.update(self.policy, minibatches)
         with timer.phase("weight_sync"):
             self.push_weights()
-        return step_metrics(L, rollout, minibatches, update, mismatch=mismatch, seen_rewards=seen_rewards,
+        metrics = step_metrics(L, rollout, minibatches, update, mismatch=mismatch, seen_rewards=seen_rewards,
                             sampling_stats=sampling_stats, lr=self.optimizer.param_groups[0]["lr"],
                             nonfinite_skipped=self.update.nonfinite_skipped,
                             forward_passes=1 + (self.reference is not None) + a.epochs,
                             correct_score=self.correct_score)
+        if self.steering:  # the betas this step trained with, and the next step's from its entropy
+            metrics.update(steered)
+            metrics.update(self.steering.observe(metrics.get("entropy", float("nan"))))
+        return metrics
 
     def _dump_rollouts(self, step: int, rollout, minibatches) -> None:
         from megatron_cegppo.tracking.rollout_dump import write_rollout_dump
@@ -169,7 +176,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """The state after ``step``, atomically (every rank calls it)."""
         self.checkpoints.save(step, self.policy, sampler=self.sampler, optimizer_steps=self.update.optimizer_steps,
-                              config=to_dict(self.cfg))
+                              config=to_dict(self.cfg), extra=self.steering.extra_state() if self.steering else None)
 
     # -- the run ----------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """A run stopped after step k and resumed from its checkpoint continues as if nothing had
 happened: every per-step metric and the final weights are bitwise those of the uninterrupted
-run (fp32 on the CPU is deterministic, and vLLM samples with per-request seeds)."""
+run (fp32 on the CPU is deterministic, and vLLM samples with per-request seeds), the betas
+that the entropy controller moves between steps included."""
 
 from __future__ import annotations
 
@@ -38,7 +39,10 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     common = prepare_tiny_run(tmp) + [
         "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=8", "rollout.n=4",
-        "reward.name=test_resume_contains_7", "optim.warmup_steps=2"]
+        "reward.name=test_resume_contains_7", "optim.warmup_steps=2",
+        # the betas moved between steps by the entropy controller, whose state the checkpoint keeps
+        "algorithm.entropy_control.enabled=true", "algorithm.entropy_control.warmup_steps=1",
+        "algorithm.entropy_control.target_fraction=0.5"]
     whole = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / 'whole'}", "trainer.steps=4"])
     return tmp, common, whole
 
@@ -61,6 +65,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(setup):
     for name, tensor in whole[0][2].items():
         assert torch.equal(final[name], tensor), name
     assert [m["step"] for m in read_metrics(tmp / "same_layout")] == [0, 1, 2, 3]
+    betas = [(m["control/beta1"], m["control/beta2"]) for m in history]
+    assert betas[0] == betas[1] == (0.5, 1.0) and betas[2] != betas[1], betas  # moved after the warm-up step
 
 
 @pytest.mark.parametrize("saved_at", [[], ["parallel.tensor=1", "parallel.pipeline=2"]], ids=["tp2", "pp2"])

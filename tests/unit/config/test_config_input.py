@@ -272,19 +272,27 @@ def test_a_world_size_below_one(world):
     assert problems(valid(), world) == [f"world size must be >= 1, got {world}"]
 
 
-def _every_setting():
-    cfg = Config()
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            yield section.name, f.name
+def _every_setting(section=None, prefix=""):
+    """Dotted keys of every setting, subsections' included."""
+    section = Config() if section is None else section
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _every_setting(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
 
 
-@pytest.mark.parametrize("section,name", list(_every_setting()))
+@pytest.mark.parametrize("key", list(_every_setting()))
 @pytest.mark.parametrize("value", [0, -1, float("nan"), "x", None, [], 10**30])
-def test_problems_never_raise(section, name, value):
+def test_problems_never_raise(key, value):
     """Whatever a setting holds (code may set one by hand), problems() returns messages."""
     cfg = valid()
-    setattr(getattr(cfg, section), name, value)
+    *path, name = key.split(".")
+    owner = cfg
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, name, value)
     for world in (None, 1, 3, 16):
         assert isinstance(problems(cfg, world), list)
 
@@ -302,8 +310,25 @@ def test_the_defaults_with_the_required_paths_are_valid():
 
 def test_every_setting_with_a_range_has_a_rule():
     """A new numeric setting gets a range here too."""
-    numeric = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
-               for f in dataclasses.fields(getattr(Config(), s.name))
-               if isinstance(getattr(getattr(Config(), s.name), f.name), (int, float))
-               and not isinstance(getattr(getattr(Config(), s.name), f.name), bool)}
-    assert numeric <= set(RULES), sorted(numeric - set(RULES))
+    def numeric(section, prefix=""):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from numeric(value, f"{prefix}{f.name}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield f"{prefix}{f.name}"
+
+    found = set(numeric(Config()))
+    assert "algorithm.entropy_control.kp" in found  # subsections too
+    assert found <= set(RULES), sorted(found - set(RULES))
+
+
+def test_entropy_control_settings():
+    on = "algorithm.entropy_control.enabled=true"
+    assert problems(valid(on)) == []
+    has(problems(valid(on, "algorithm.loss=ppo")), "only algorithm.loss=cegppo has", "'ppo'")
+    has(problems(valid(on, "algorithm.beta1=0")), "beta1 (0.0) and beta2 (1.0) must lie within", "[0.05, 2.0]")
+    has(problems(valid(on, "algorithm.entropy_control.beta_max=0.8")), "must lie within [beta_min, beta_max]")
+    has(problems(valid(on, "algorithm.entropy_control.kp=0", "algorithm.entropy_control.ki=0")), "never move")
+    has(problems(valid(on, "algorithm.entropy_control.band=1.5")), "algorithm.entropy_control.band must be")
+    assert problems(valid("algorithm.beta1=0")) == []  # off: PPO-like betas are fine

@@ -4,6 +4,8 @@ same W&B run, and W&B's service process ends with the run."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from megatron_cegppo.tracking.metrics import MetricsWriter
@@ -34,7 +36,8 @@ def test_offline_records_and_a_resume_continue_one_run(tmp_path, monkeypatch):
         w.log(1, {"reward_mean": 0.7})
     assert (tmp_path / "wandb" / "run_id").read_text().strip() == run_id
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
+    # offline-run-<time>-<id>, and W&B adds "-1" to a second folder started within the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in runs), runs
     logged = _logged(tmp_path)
     for name in (b"val/aime/avg@32", b"reward_mean", STEP_METRIC.encode(), b"tiny", b"beta1"):
         assert name in logged, name  # the metrics, the run's name and its config
