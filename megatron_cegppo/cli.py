@@ -1,4 +1,4 @@
-"""``megatron-cegppo``: train and eval. Configs are loaded and validated before torch,
+"""``megatron-cegppo``: train, eval, sweep. Configs are loaded and validated before torch,
 megatron or vLLM are imported, so a bad config fails in a second with every problem named."""
 
 from __future__ import annotations
@@ -56,13 +56,65 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes")
     n.add_argument("--layers", choices=LAYER_CHOICES, default="auto", help=LAYERS_HELP)
     n.add_argument("overrides", nargs="*")
+    w = sub.add_parser("sweep", help="settings x seeds, one run after another (a killed sweep resumes where it "
+                                     "stopped), then a summary over seeds: a table and plots")
+    w.add_argument("--config", required=True)
+    w.add_argument("--out", required=True, help="the sweep's folder: <setting>/seed<N>/ per run, the summary")
+    w.add_argument("--grid", action="append", default=[],
+                   help="section.key=v1,v2,...; several --grid: every combination")
+    w.add_argument("--setting", action="append", default=[],
+                   help="'NAME section.key=value ...': a named setting (crossed with the --grid product if any)")
+    w.add_argument("--seeds", default="0", help="comma-separated trainer.seed values, e.g. 0,1,2")
+    w.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc-per-node)")
+    w.add_argument("--summary-only", action="store_true", help="write the summary of the runs so far, run nothing")
+    w.add_argument("overrides", nargs="*", help="section.key=value for every run")
     return p
+
+
+def _sweep(args) -> int:
+    """Checks every run of the sweep, runs those not yet done, and writes the summary."""
+    import json
+    from pathlib import Path
+
+    from megatron_cegppo.config import ConfigError
+    from megatron_cegppo.sweep.plan import SweepError, parse_seeds, plan_runs, run_problems
+
+    out = Path(args.out)
+    try:
+        if args.nproc < 1:
+            raise SweepError([f"--nproc must be >= 1, got {args.nproc}"])
+        runs = plan_runs(out, args.grid, args.setting, parse_seeds(args.seeds), args.overrides)
+        found = run_problems(args.config, runs, args.nproc)
+    except SweepError as exc:
+        print(f"megatron-cegppo: {exc}", file=sys.stderr)
+        return 2
+    if found:
+        print(f"megatron-cegppo: {ConfigError.of(found, 'invalid sweep')}", file=sys.stderr)
+        return 2
+    from megatron_cegppo.sweep.runner import SweepRunner
+    from megatron_cegppo.sweep.summary import summarize
+
+    outcomes = []
+    if not args.summary_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps({"config": args.config, "grid": args.grid, "setting": args.setting,
+                                                    "seeds": args.seeds, "nproc": args.nproc,
+                                                    "overrides": args.overrides}, indent=1) + "\n")
+        print(f"[sweep] {len(runs)} runs into {out}", flush=True)
+        outcomes = SweepRunner(args.config, runs, nproc=args.nproc, log=lambda line: print(line, flush=True),
+                               after_run=lambda: summarize(runs, out)).run()
+    summarize(runs, out)
+    print(f"[sweep] summary: {out / 'summary.md'}", flush=True)
+    statuses = {o.status for o in outcomes}
+    return 1 if "failed" in statuses else EXIT_STOPPED if "stopped" in statuses else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_cegppo.config import ConfigError
 
     args = _parser().parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
     try:
         cfg = _checked_config(args)
     except ConfigError as exc:

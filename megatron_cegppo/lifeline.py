@@ -117,6 +117,22 @@ def exit_with_process(pid: int, poll_s: float = POLL_S) -> None:
     threading.Thread(target=watch, name="lifeline-client", daemon=True).start()
 
 
+def dies_with_this_process():
+    """A ``preexec_fn`` for ``subprocess.Popen`` (called from the main thread: the kernel ties
+    the signal to the forking thread) whose child is SIGKILLed by the kernel when this process
+    dies, while this process itself lives as long as it likes (unlike :func:`exit_with_parent`).
+    A child that exec's torchrun takes its ranks along: they watch their parent."""
+    prctl, parent = _find_prctl(), os.getpid()
+
+    def arm() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # died before the signal was armed
+            os._exit(EXIT_CODE)
+
+    return arm
+
+
 def _start_watchdog(parent: int, poll_s: float) -> None:
     t = threading.Thread(target=_watch, args=(parent, poll_s), name="lifeline", daemon=True)
     t.start()
