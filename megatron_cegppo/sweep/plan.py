@@ -91,15 +91,17 @@ def settings(grids: Sequence[str], named: Sequence[str]) -> list[Setting]:
 
 def plan_runs(out: Path, grids: Sequence[str], named: Sequence[str], seeds: Sequence[int],
               common: Sequence[str]) -> list[SweepRun]:
-    """Every run in order: setting by setting, seed by seed. A run's overrides: the common
-    ones, then its setting's, then its seed and run directory (which the sweep owns)."""
+    """Every run in order: seed by seed, every setting at each (so that a sweep cut short has
+    compared every setting on the same seeds). A run's overrides: the common ones, then its
+    setting's, then its seed and run directory (which the sweep owns)."""
     owned = [o for o in common if o.split("=", 1)[0].strip() in ("trainer.seed", "trainer.run_dir")]
     if owned:
         raise SweepError([f"override {o!r}: a sweep sets each run's seed (--seeds) and run directory (--out)"
                           for o in owned])
     runs = []
-    for setting in settings(grids, named):
-        for seed in seeds:
+    chosen = settings(grids, named)
+    for seed in seeds:
+        for setting in chosen:
             run_dir = Path(out) / setting.name / f"seed{seed}"
             overrides = (*common, *setting.overrides, f"trainer.seed={seed}", f"trainer.run_dir={run_dir}")
             runs.append(SweepRun(setting, seed, run_dir, overrides))
