@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_cegppo.config.schema import DEVICE_SETTINGS, Config
+from megatron_cegppo.console import quiet_known_noise
 from megatron_cegppo.lifeline import exit_with_launcher
 
 LAYER_IMPLS = ("transformer_engine", "local")
@@ -269,6 +270,8 @@ def init_platform(setting: str = "auto", local_rank: Optional[int] = None) -> Pl
     global _current
     with _lock:
         platform = detect_platform(setting, local_rank)
+        # before megatron-core and vLLM are imported: several of their known warnings come at import
+        quiet_known_noise(cpu=not platform.is_cuda)
         if _current is not None and _current.device != platform.device:
             raise PlatformError(f"this process already runs on {_current.device}, not {platform.device}")
         if platform.is_cuda:

@@ -9,4 +9,6 @@ cd "$ROOT"
 bash scripts/install.sh
 VENV="${CEGPPO_VENV:-$ROOT/.venv}"
 "$VENV/bin/python" -m megatron_cegppo.demo.prepare
+# one OpenMP thread per process (torchrun's default for several processes, which it announces)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$VENV/bin/torchrun" --nproc-per-node 2 -m megatron_cegppo.cli train --config configs/tiny_cpu.yaml "$@"

