@@ -162,3 +162,42 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_tensor(models):
     assert "MegatronCheckpointError" in message, message
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight is [2, 64]" in message, message
     assert "needs [4, 64]" in message, message
+
+
+def fit_one_step(rank, world, overrides):
+    from megatron_cegppo.testing.tiny import fit_tiny_trainer
+
+    trainer, history = fit_tiny_trainer(overrides, world)
+    return history
+
+
+def test_a_training_run_starts_from_the_checkpoint(tmp_path):
+    """The tiny task's trainer (TP2, vLLM engines fed by the first weight push) started from a
+    Megatron-LM checkpoint of weights W, with model.path holding other weights, runs its first
+    step exactly as a run started from an HF folder of W."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_cegppo.testing.tiny import prepare_tiny_run
+
+    overrides = prepare_tiny_run(tmp_path)
+    base = tmp_path / "model"
+    sft = tmp_path / "sft"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():  # W: other weights than model.path's, exact in bf16
+            p.add_(torch.randn_like(p) * 0.02).copy_(p.to(torch.bfloat16).float())
+    model.save_pretrained(sft)
+    for f in base.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, sft / f.name)
+    run_distributed(write_megatron_lm_checkpoint, 2, str(sft), str(tmp_path / "save"), "te")
+    common = [o for o in overrides if not o.startswith("model.path")] + [
+        "trainer.steps=1", "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=8", "rollout.n=4"]
+    from_hf = run_distributed(fit_one_step, 2, common + [f"model.path={sft}", f"trainer.run_dir={tmp_path / 'a'}"])
+    from_megatron = run_distributed(fit_one_step, 2, common + [
+        f"model.path={base}", f"model.megatron_checkpoint={tmp_path / 'save'}", f"trainer.run_dir={tmp_path / 'b'}"])
+    same = {k: v for k, v in from_hf[0][0].items() if not k.startswith(("time/", "tokens_per_second"))}
+    assert {k: from_megatron[0][0][k] for k in same} == same
+    assert same["entropy"] > 0

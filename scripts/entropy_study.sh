@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The entropy study of docs/entropy_study.md: 9 settings x 3 seeds of the CPU task (the demo's
+# config, 200 steps a run), one run after another; started again, it skips the finished runs and
+# resumes the unfinished one. Extra arguments go to the sweep (e.g. --summary-only).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/install.sh
+VENV="${CEGPPO_VENV:-$ROOT/.venv}"
+"$VENV/bin/python" -m megatron_cegppo.demo.prepare
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "$VENV/bin/python" -m megatron_cegppo.cli sweep --config configs/tiny_cpu.yaml --out runs/entropy_study \
+  --nproc 2 --seeds 0,1,2 \
+  --setting "ppo_clip algorithm.beta1=0 algorithm.beta2=0" \
+  --setting "dapo_clip_higher algorithm.beta1=0 algorithm.beta2=0 algorithm.eps_high=0.28" \
+  --setting "gppo_1_1 algorithm.beta1=1 algorithm.beta2=1" \
+  --setting "cegppo_0.5_1 algorithm.beta1=0.5 algorithm.beta2=1" \
+  --setting "cegppo_0.75_1 algorithm.beta1=0.75 algorithm.beta2=1" \
+  --setting "cegppo_0.25_1 algorithm.beta1=0.25 algorithm.beta2=1" \
+  --setting "cegppo_0.5_0.5 algorithm.beta1=0.5 algorithm.beta2=0.5" \
+  --setting "cegppo_0.5_1.5 algorithm.beta1=0.5 algorithm.beta2=1.5" \
+  --setting "control_0.8 algorithm.beta1=0.5 algorithm.beta2=1 algorithm.entropy_control.enabled=true algorithm.entropy_control.target_fraction=0.8 algorithm.entropy_control.warmup_steps=10" \
+  trainer.steps=200 trainer.save_every=50 "$@"
