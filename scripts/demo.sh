@@ -4,11 +4,5 @@
 # process). The first run also makes the starting checkpoint (a ~30 s supervised warm-up) and
 # the prompt file. Extra arguments are config overrides, e.g. `trainer.seed=1`.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-bash scripts/install.sh
-VENV="${CEGPPO_VENV:-$ROOT/.venv}"
-"$VENV/bin/python" -m megatron_cegppo.demo.prepare
-# one OpenMP thread per process (torchrun's default for several processes, which it announces)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+source "$(dirname "${BASH_SOURCE[0]}")/demo_env.sh"
 exec "$VENV/bin/torchrun" --nproc-per-node 2 -m megatron_cegppo.cli train --config configs/tiny_cpu.yaml "$@"

@@ -3,12 +3,7 @@
 # config, 200 steps a run), one run after another; started again, it skips the finished runs and
 # resumes the unfinished one. Extra arguments go to the sweep (e.g. --summary-only).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-bash scripts/install.sh
-VENV="${CEGPPO_VENV:-$ROOT/.venv}"
-"$VENV/bin/python" -m megatron_cegppo.demo.prepare
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+source "$(dirname "${BASH_SOURCE[0]}")/demo_env.sh"
 exec "$VENV/bin/python" -m megatron_cegppo.cli sweep --config configs/tiny_cpu.yaml --out runs/entropy_study \
   --nproc 2 --seeds 0,1,2 \
   --setting "ppo_clip algorithm.beta1=0 algorithm.beta2=0" \
