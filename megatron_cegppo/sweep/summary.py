@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_cegppo.sweep.plan import SweepRun
+from megatron_cegppo.sweep.runner import DONE
 
 EDGE_FRACTION = 0.1  # "first" and "final": the mean over this share of the steps (at least one)
 QUADRANTS = ("pa_lp", "pa_hp", "na_lp", "na_hp")  # advantage sign x token probability
@@ -53,11 +54,12 @@ def run_summary(run: SweepRun) -> dict:
 
 def summarize(runs: Sequence[SweepRun], out: Path) -> dict:
     """Writes ``summary.md``, ``summary.json``, ``entropy.png`` and ``reward.png`` into ``out``
-    from the runs that have metrics; returns the JSON's content."""
+    from the finished runs (the others are named below the table); returns the JSON's content."""
     by_setting: dict[str, list[tuple[SweepRun, dict]]] = {}
-    for run in runs:
-        if (run.run_dir / "metrics.jsonl").is_file():
+    for run in runs:  # finished runs only: a run cut short would mix steps of another range
+        if (run.run_dir / DONE).is_file():
             by_setting.setdefault(run.setting.name, []).append((run, run_summary(run)))
+    waiting = [run.label for run in runs if not (run.run_dir / DONE).is_file()]
     table = {}
     for name, results in by_setting.items():
         row = {"seeds": [r.seed for r, _ in results], "overrides": list(results[0][0].setting.overrides)}
@@ -70,7 +72,8 @@ def summarize(runs: Sequence[SweepRun], out: Path) -> dict:
         table[name] = row
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(table, indent=1, allow_nan=True) + "\n")
-    (out / "summary.md").write_text(markdown_table(table))
+    (out / "summary.md").write_text(markdown_table(table) + (
+        f"\nNot finished yet ({len(waiting)} of {len(runs)} runs): {', '.join(waiting)}.\n" if waiting else ""))
     if by_setting:
         for key, label, smooth in (("entropy", "token entropy (nats)", 1), ("reward_mean", "mean reward", SMOOTHING)):
             plot_over_steps({name: [r for r, _ in results] for name, results in by_setting.items()},
