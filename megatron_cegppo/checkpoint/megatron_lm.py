@@ -38,7 +38,6 @@ _FUSED_NORMS = {
     "decoder.layers.mlp.linear_fc1.layer_norm_bias": "decoder.layers.pre_mlp_layernorm.bias",
 }
 NORM_KEY_ALTERNATIVES = {**_FUSED_NORMS, **{v: k for k, v in _FUSED_NORMS.items()}}
-EMBEDDING_KEY = "embedding.word_embeddings.weight"
 _ITERATION_DIR = re.compile(r"^iter_\d{7,}$")
 
 
