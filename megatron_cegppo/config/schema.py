@@ -91,9 +91,18 @@ class EntropyControlConfig:
     band: float = 0.1  # entropy within target x (1 +- band) is on target
     warmup_steps: int = 5  # steps that only measure (the starting entropy)
     kp: float = 1.0  # proportional gain, on the relative error
-    ki: float = 0.2  # integral gain
-    beta_min: float = 0.05  # bounds of both betas
-    beta_max: float = 2.0
+    ki: float = 0.05  # integral gain
+    # the error is on a moving average of the entropy: m <- smoothing x m + (1 - smoothing) x
+    # entropy, from the warm-up's mean (a step's entropy is noisy); 0: the raw entropy
+    smoothing: float = 0.8
+    # hold the configured betas after the warm-up until the smoothed entropy first comes down
+    # to the band's top: learning lowers it by itself, and lowering it further before then
+    # drove beta1 to its bound. False: act right after the warm-up
+    wait_for_band: bool = True
+    beta1_min: float = 0.25  # the betas' bounds (beta1 = 2 was measured to collapse the reward)
+    beta1_max: float = 1.0
+    beta2_min: float = 0.5
+    beta2_max: float = 2.0
 
 
 @dataclass

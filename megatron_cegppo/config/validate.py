@@ -133,8 +133,11 @@ RULES: dict[str, Rule] = {
     "algorithm.entropy_control.warmup_steps": at_least(1),
     "algorithm.entropy_control.kp": no_less(0),
     "algorithm.entropy_control.ki": no_less(0),
-    "algorithm.entropy_control.beta_min": above(0),
-    "algorithm.entropy_control.beta_max": above(0),
+    "algorithm.entropy_control.smoothing": FRACTION,
+    "algorithm.entropy_control.beta1_min": above(0),
+    "algorithm.entropy_control.beta1_max": above(0),
+    "algorithm.entropy_control.beta2_min": above(0),
+    "algorithm.entropy_control.beta2_max": above(0),
     "optim.lr": above(0),
     "optim.min_lr": no_less(0),
     "optim.schedule": one_of(("constant", "cosine")),
@@ -270,11 +273,16 @@ def _entropy_control_problems(cfg: Config, ok) -> list[str]:
     if ok("algorithm.loss") and a.loss != "cegppo":
         out.append(f"algorithm.entropy_control moves beta1 and beta2, which only algorithm.loss=cegppo has "
                    f"(got {a.loss!r})")
-    keys = ("algorithm.beta1", "algorithm.beta2", "algorithm.entropy_control.beta_min",
-            "algorithm.entropy_control.beta_max")
-    if ok(*keys) and not (0 < c.beta_min <= min(a.beta1, a.beta2) and max(a.beta1, a.beta2) <= c.beta_max):
-        out.append(f"algorithm.entropy_control: beta1 ({a.beta1}) and beta2 ({a.beta2}) must lie within "
-                   f"[beta_min, beta_max] = [{c.beta_min}, {c.beta_max}] (they are moved in log space)")
+    for beta in ("beta1", "beta2"):
+        low, high = f"{beta}_min", f"{beta}_max"
+        lo, hi, value = getattr(c, low), getattr(c, high), getattr(a, beta)
+        if not ok(f"algorithm.entropy_control.{low}", f"algorithm.entropy_control.{high}"):
+            continue
+        if lo > hi:
+            out.append(f"algorithm.entropy_control: {low} ({lo}) must be <= {high} ({hi})")
+        elif ok(f"algorithm.{beta}") and not lo <= value <= hi:
+            out.append(f"algorithm.entropy_control: algorithm.{beta} ({value}) must lie within "
+                       f"[{low}, {high}] = [{lo}, {hi}] (it is moved in log space)")
     if ok("algorithm.entropy_control.kp", "algorithm.entropy_control.ki") and c.kp == c.ki == 0:
         out.append("algorithm.entropy_control: kp and ki are both 0 (the betas would never move)")
     return out

@@ -65,7 +65,9 @@ def train_task_tokenizer(out_dir: str, texts: Optional[Iterable[str]] = None) ->
         sentence_iterator=iter(corpus),
         model_writer=buf,
         model_type="char",
-        vocab_size=len(TASK_CHARS) + 5,  # a floor only: hard_vocab_limit=False keeps all chars
+        # every character plus the 4 specials and \boxed{: sentencepiece drops the rarest
+        # characters beyond vocab_size, even with hard_vocab_limit=False
+        vocab_size=len(set("".join(corpus))) + 5,
         hard_vocab_limit=False,
         character_coverage=1.0,
         add_dummy_prefix=False,

@@ -1,5 +1,6 @@
-"""Supervised warm-up of a tiny Qwen2 policy on 2-digit addition: the RL demo's starting
-checkpoint.
+"""Supervised warm-up of a tiny Qwen2 policy on addition: the RL demo's starting checkpoint
+(2-digit, answer only) and the entropy study's (3-digit, the column working written out before
+the answer: a longer response with more tokens to sample).
 
 RL can only improve a policy that sometimes earns a reward and sometimes does not, so the
 warm-up stops as soon as the *sampled* accuracy (temperature 1, the way rollouts sample)
@@ -9,6 +10,8 @@ fixed step count.
 
     python -m megatron_cegppo.demo.warmup --out checkpoints/tiny_qwen2_warmup --seed 0 \\
         --target-accuracy 0.35
+    python -m megatron_cegppo.demo.warmup --out checkpoints/tiny_qwen2_written3 --digits 3 \\
+        --written-steps
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_cegppo.rewards.synthetic import arithmetic_problem, arithmetic_reward
+from megatron_cegppo.rewards.synthetic import arithmetic_problem, arithmetic_reward, written_addition
 
 from .tokenizer import BOXED, load_task_tokenizer, train_task_tokenizer
 
@@ -38,6 +41,18 @@ def _all_pairs(digits: int) -> list[tuple[int, int]]:
     """Every pair of ``digits``-digit operands: the held-out split is drawn from all of them."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     return [(a, b) for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+
+
+# Enough problems for any warm-up (a few hundred steps of 128); 3-digit operands have 810k
+# pairs, whose tokenization alone would take minutes. 2-digit ones (8k) are all kept.
+MAX_TRAIN_PROBLEMS = 100_000
+
+
+def _response_text(example: dict, written_steps: bool) -> str:
+    """The supervised response: the answer boxed, after the column working when asked."""
+    a, b = example["prompt"].rstrip("=").split("+")
+    working = written_addition(int(a), int(b)) if written_steps else ""
+    return f"{working}{BOXED}{example['answer']}}}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -68,12 +83,12 @@ def tiny_qwen2_config(tokenizer):
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
-def _encode_examples(tokenizer, examples: list[dict]):
-    """Token ids of ``prompt \\boxed{answer} </s>`` and the prompt lengths."""
+def _encode_examples(tokenizer, examples: list[dict], written_steps: bool = False):
+    """Token ids of ``prompt [working] \\boxed{answer} </s>`` and the prompt lengths."""
     seqs, prompt_lens = [], []
     for ex in examples:
         p = tokenizer(ex["prompt"]).input_ids  # as vLLM encodes a prompt
-        r = tokenizer(f"{BOXED}{ex['answer']}}}", add_special_tokens=False).input_ids
+        r = tokenizer(_response_text(ex, written_steps), add_special_tokens=False).input_ids
         seqs.append(p + r + [tokenizer.eos_token_id])
         prompt_lens.append(len(p))
     return seqs, prompt_lens
@@ -134,9 +149,9 @@ def sample_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: in
 
 
 def sampled_accuracy(model, tokenizer, examples: list[dict], *, seed: int = 0,
-                     temperature: float = 1.0) -> float:
+                     temperature: float = 1.0, max_new_tokens: int = 8) -> float:
     responses = sample_responses(model, tokenizer, [e["prompt"] for e in examples],
-                                 temperature=temperature, seed=seed)
+                                 temperature=temperature, seed=seed, max_new_tokens=max_new_tokens)
     return sum(arithmetic_reward(r, e["answer"]) for r, e in zip(responses, examples)) / len(examples)
 
 
@@ -147,7 +162,7 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
            max_steps: int = 3000, lr: float = 2e-3, batch_size: int = 128,
            lr_warmup_steps: int = 10, eval_size: int = 256, eval_every: int = 25,
            fine_eval_every: int = 5, fine_eval_from: float = 0.05, digits: int = 2,
-           log=print) -> dict:
+           written_steps: bool = False, log=print) -> dict:
     """Train until the sampled accuracy is within ``band`` of ``target_accuracy`` (or
     ``max_steps``), save the HF folder to ``out`` and return the ``warmup.json`` record."""
     from transformers import Qwen2ForCausalLM
@@ -157,7 +172,8 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
     rng = random.Random(seed)
 
     # Tokenizer files are written straight into the checkpoint folder (deterministic).
-    train_task_tokenizer(out)
+    # the working's separator is the one character the answer-only task never writes
+    train_task_tokenizer(out, texts=[","] if written_steps else None)
     tok = load_task_tokenizer(out)
 
     # Held-out prompts are never trained on; the eval sampling seed is fixed so two
@@ -165,9 +181,13 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
     pairs = _all_pairs(digits)
     rng.shuffle(pairs)
     eval_set = [arithmetic_problem(a, b) for a, b in pairs[:eval_size]]
-    train_set = [arithmetic_problem(a, b) for a, b in pairs[eval_size:]]
-    seqs, prompt_lens = _encode_examples(tok, train_set)
+    train_set = [arithmetic_problem(a, b) for a, b in pairs[eval_size:eval_size + MAX_TRAIN_PROBLEMS]]
+    seqs, prompt_lens = _encode_examples(tok, train_set, written_steps)
     eval_seed = seed + 1
+    # room for the longest response (all problems of a width have the same prompt length)
+    max_new = max(len(q) - n for q, n in zip(seqs, prompt_lens)) + 2
+    measure = lambda m, t, examples, seed: sampled_accuracy(  # noqa: E731
+        m, t, examples, seed=seed, max_new_tokens=max_new)
 
     model = Qwen2ForCausalLM(tiny_qwen2_config(tok))
     model.train()
@@ -177,7 +197,7 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
     data_gen = torch.Generator().manual_seed(seed)
 
     lo, hi = target_accuracy - band, target_accuracy + band
-    acc = sampled_accuracy(model, tok, eval_set, seed=eval_seed)
+    acc = measure(model, tok, eval_set, eval_seed)
     history = [(0, acc)]
     log(f"step {0:5d}  acc {acc:.3f}  ({time.perf_counter() - t0:.1f}s)")
     best = (abs(acc - target_accuracy), 0, acc, copy.deepcopy(model.state_dict()))
@@ -194,7 +214,7 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
         loss_val = loss.item()
         every = fine_eval_every if acc >= fine_eval_from else eval_every
         if step % every == 0 or step == max_steps:
-            acc = sampled_accuracy(model, tok, eval_set, seed=eval_seed)
+            acc = measure(model, tok, eval_set, eval_seed)
             history.append((step, acc))
             log(f"step {step:5d}  loss {loss_val:.4f}  acc {acc:.3f}  "
                 f"({time.perf_counter() - t0:.1f}s)")
@@ -215,13 +235,13 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
     # present AutoTokenizer may pick a different tokenizer class than during training).
     reloaded = Qwen2ForCausalLM.from_pretrained(out)
     reloaded_tok = load_task_tokenizer(out)
-    reload_acc = sampled_accuracy(reloaded, reloaded_tok, eval_set, seed=eval_seed)
+    reload_acc = measure(reloaded, reloaded_tok, eval_set, eval_seed)
     if abs(reload_acc - best_acc) > 0.02:
         raise RuntimeError(f"the checkpoint saved to {out} measures {reload_acc:.3f}, "
                            f"the trained model {best_acc:.3f}")
     # The stop decision was taken on a noisy measurement; a fresh one (4 samples per
     # prompt, other seed) is the unbiased estimate of the starting accuracy.
-    recheck_acc = sampled_accuracy(reloaded, reloaded_tok, eval_set * 4, seed=eval_seed + 1)
+    recheck_acc = measure(reloaded, reloaded_tok, eval_set * 4, eval_seed + 1)
     record = {
         "sampled_accuracy": best_acc,
         "sampled_accuracy_recheck": recheck_acc,
@@ -238,6 +258,7 @@ def warmup(out: str, *, seed: int = 0, target_accuracy: float = 0.35, band: floa
         "lr": lr,
         "batch_size": batch_size,
         "digits": digits,
+        "written_steps": written_steps,
         "final_loss": loss_val,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tok),
@@ -258,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-accuracy", type=float, default=0.35)
     p.add_argument("--band", type=float, default=0.1, help="stop within target +- band")
+    p.add_argument("--digits", type=int, default=2, help="operand width")
+    p.add_argument("--written-steps", action="store_true",
+                   help="train the column working before the boxed answer (a longer response)")
     p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -277,7 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
            lr_warmup_steps=a.lr_warmup_steps, eval_size=a.eval_size,
            eval_every=a.eval_every, fine_eval_every=a.fine_eval_every,
-           fine_eval_from=a.fine_eval_from, log=lambda s: print(s, flush=True))
+           fine_eval_from=a.fine_eval_from, digits=a.digits, written_steps=a.written_steps,
+           log=lambda s: print(s, flush=True))
     return 0
 
 

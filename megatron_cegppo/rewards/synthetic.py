@@ -40,6 +40,23 @@ def arithmetic_problem(a: int, b: int, op: str = "+") -> Dict[str, str]:
     return {"prompt": f"{a}{op}{b}=", "answer": str(_OPS[op](a, b))}
 
 
+def written_addition(a: int, b: int) -> str:
+    """The column-by-column working of ``a+b``, least significant column first, each column's
+    carry written as ``+1``: ``written_addition(457, 368) == "7+8=15,5+6+1=12,4+3+1=8,"``.
+    The longer-answer task's warm-up target before its ``\\boxed{}`` answer; the reward
+    still looks only at the answer, so RL may change the working."""
+    if a < 0 or b < 0:
+        raise ValueError(f"written_addition takes non-negative operands, got {a}, {b}")
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        terms = [d[i] for d in (da, db) if i < len(d)] + (["1"] if carry else [])
+        total = sum(int(t) for t in terms)
+        steps.append(f"{'+'.join(terms)}={total},")
+        carry = total // 10
+    return "".join(steps)
+
+
 def make_arithmetic_dataset(
     n: int, seed: int, digits: int = 2, ops: Sequence[str] = ("+",)
 ) -> List[Dict[str, str]]:

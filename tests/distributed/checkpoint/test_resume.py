@@ -40,9 +40,10 @@ def setup(tmp_path_factory):
     common = prepare_tiny_run(tmp) + [
         "algorithm.prompts_per_step=8", "algorithm.micro_batch_size=8", "rollout.n=4",
         "reward.name=test_resume_contains_7", "optim.warmup_steps=2",
-        # the betas moved between steps by the entropy controller, whose state the checkpoint keeps
+        # the betas moved between steps by the entropy controller, whose state the checkpoint keeps;
+        # acting right after its warm-up (the entropy of a few steps never comes down to the band)
         "algorithm.entropy_control.enabled=true", "algorithm.entropy_control.warmup_steps=1",
-        "algorithm.entropy_control.target_fraction=0.5"]
+        "algorithm.entropy_control.target_fraction=0.5", "algorithm.entropy_control.wait_for_band=false"]
     whole = run_distributed(worker, 2, common + [f"trainer.run_dir={tmp / 'whole'}", "trainer.steps=4"])
     return tmp, common, whole
 

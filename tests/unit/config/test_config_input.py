@@ -327,8 +327,20 @@ def test_entropy_control_settings():
     on = "algorithm.entropy_control.enabled=true"
     assert problems(valid(on)) == []
     has(problems(valid(on, "algorithm.loss=ppo")), "only algorithm.loss=cegppo has", "'ppo'")
-    has(problems(valid(on, "algorithm.beta1=0")), "beta1 (0.0) and beta2 (1.0) must lie within", "[0.05, 2.0]")
-    has(problems(valid(on, "algorithm.entropy_control.beta_max=0.8")), "must lie within [beta_min, beta_max]")
+    has(problems(valid(on, "algorithm.beta1=0")),
+        "algorithm.beta1 (0.0) must lie within [beta1_min, beta1_max] = [0.25, 1.0]")
+    has(problems(valid(on, "algorithm.entropy_control.beta2_max=0.8")),
+        "algorithm.beta2 (1.0) must lie within [beta2_min, beta2_max] = [0.5, 0.8]")
+    has(problems(valid(on, "algorithm.entropy_control.beta1_min=1.5")),
+        "algorithm.entropy_control: beta1_min (1.5) must be <= beta1_max (1.0)")
+    has(problems(valid(on, "algorithm.entropy_control.beta2_min=0")),
+        "algorithm.entropy_control.beta2_min must be > 0")
+    has(problems(valid(on, "algorithm.entropy_control.smoothing=1")),
+        "algorithm.entropy_control.smoothing must be in [0, 1)")
+    assert problems(valid(on, "algorithm.entropy_control.smoothing=0")) == []
+    # the shared bounds of before are gone: an old config naming them is refused
+    with pytest.raises(ConfigError, match="unknown key algorithm.entropy_control.beta_min"):
+        valid(on, "algorithm.entropy_control.beta_min=0.05")
     has(problems(valid(on, "algorithm.entropy_control.kp=0", "algorithm.entropy_control.ki=0")), "never move")
     has(problems(valid(on, "algorithm.entropy_control.band=1.5")), "algorithm.entropy_control.band must be")
     assert problems(valid("algorithm.beta1=0")) == []  # off: PPO-like betas are fine

@@ -123,3 +123,52 @@ def test_warmup_smoke_writes_loadable_checkpoint(tmp_path):
     random.Random(rec["seed"]).shuffle(pairs)
     held_out = [arithmetic_problem(a, b) for a, b in pairs[:rec["eval_prompts"]]]
     assert sampled_accuracy(model, tok, held_out, seed=rec["eval_sampling_seed"]) == pytest.approx(best_acc, abs=0.02)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_written_addition_is_the_column_working(seed):
+    from megatron_cegppo.rewards.synthetic import written_addition
+
+    rng = random.Random(seed)
+    for _ in range(200):
+        a, b = rng.randint(0, 99999), rng.randint(0, 99999)
+        steps = written_addition(a, b).split(",")
+        assert steps[-1] == ""  # every column ends with a comma
+        digits, carry = [], 0
+        for i, step in enumerate(steps[:-1]):
+            terms, total = step.split("=")
+            column = [int(str(x)[::-1][i]) for x in (a, b) if i < len(str(x))]
+            assert [int(t) for t in terms.split("+")] == column + ([1] if carry else [])
+            assert int(total) == sum(column) + carry
+            digits.append(int(total) % 10)
+            carry = int(total) // 10
+        # the columns' last digits, with the final carry in front, read the sum
+        assert int(("1" if carry else "") + "".join(map(str, reversed(digits)))) == a + b
+    assert written_addition(457, 368) == "7+8=15,5+6+1=12,4+3+1=8,"
+
+
+def test_tokenizer_with_an_extra_character_keeps_every_character(tmp_path):
+    tok_dir = str(tmp_path / "tok")
+    train_task_tokenizer(tok_dir, texts=[","])
+    tok = load_task_tokenizer(tok_dir)
+    text = "457+368=7+8=15,5+6+1=12,4+3+1=8,\\boxed{825}"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.unk_token_id not in tok.encode(text)
+    assert len(tok) == 19  # 4 specials, \boxed{, 13 task characters and ","
+
+
+def test_written_steps_warmup_trains_the_working(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_cegppo.demo.warmup import _encode_examples, main
+    from megatron_cegppo.rewards.synthetic import arithmetic_problem
+
+    out = tmp_path / "ckpt"
+    assert main(["--out", str(out), "--digits", "3", "--written-steps", "--max-steps", "2",
+                 "--eval-every", "2", "--eval-size", "16", "--batch-size", "8"]) == 0
+    rec = json.loads((out / "warmup.json").read_text())
+    assert (rec["digits"], rec["written_steps"], rec["vocab_size"]) == (3, True, 19)
+    tok = AutoTokenizer.from_pretrained(out)
+    seqs, prompt_lens = _encode_examples(tok, [arithmetic_problem(457, 368)], written_steps=True)
+    assert tok.decode(seqs[0][prompt_lens[0]:], skip_special_tokens=True) == "7+8=15,5+6+1=12,4+3+1=8,\\boxed{825}"
+    assert seqs[0][-1] == tok.eos_token_id
