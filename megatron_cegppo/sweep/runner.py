@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_cegppo.fsutil import atomic_write_text
+from megatron_cegppo.netutil import free_port
 from megatron_cegppo.sweep.plan import SweepRun
 
 DONE = "SWEEP_DONE.json"
@@ -130,12 +130,6 @@ class SweepRunner:
                 os.killpg(self._child.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
             except ProcessLookupError:
                 pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _add_wall_time(run_dir: Path, seconds: float) -> float:

@@ -20,8 +20,14 @@ COLUMNS = (
     ("entropy_final", "entropy, final"), ("entropy_mean", "entropy, mean"),
     ("reward_first", "reward, first"), ("reward_final", "reward, final"),
     *((f"clip_{q}", f"clipped {q.upper().replace('_', '-')}") for q in QUADRANTS),
+    ("in_band", "in band, 2nd half"),
     ("wall_s", "wall s"),
 )
+# "in band": the share of the second half's steps whose entropy lies within BAND x the run's
+# target: the entropy controller's own (control/target) where it ran, else the same rule
+# (TARGET_FRACTION x the mean entropy of the first TARGET_WARMUP steps), so that fixed-beta
+# runs are judged against the target a controller would have set them
+TARGET_FRACTION, TARGET_WARMUP, BAND = 0.8, 10, 0.1
 SMOOTHING = 10  # steps of the trailing mean drawn for reward
 
 
@@ -46,10 +52,22 @@ def run_summary(run: SweepRun) -> dict:
         "entropy_final": _mean(series("entropy")[-n:]), "entropy_mean": _mean(series("entropy")),
         "reward_first": _mean(series("reward_mean")[:n]), "reward_final": _mean(series("reward_mean")[-n:]),
         **{f"clip_{q}": _mean(series(f"quadrant/{q}_clipped_frac")) for q in QUADRANTS},
+        "in_band": in_band_share(series("entropy"), [r.get("control/target") for r in records]),
     }
     done = run.run_dir / "sweep_wall_time.json"
     out["wall_s"] = json.loads(done.read_text())["wall_s"] if done.is_file() else math.nan
     return out
+
+
+def in_band_share(entropy: list, targets: list) -> float:
+    """The share of the second half's steps with entropy within ``BAND`` of the target (see
+    ``TARGET_FRACTION``); NaN for a run too short to have a target and a second half."""
+    logged = [t for t in targets if t is not None]
+    target = logged[-1] if logged else TARGET_FRACTION * _mean(entropy[:TARGET_WARMUP])
+    late = [e for e in entropy[max(len(entropy) // 2, TARGET_WARMUP):] if e is not None and math.isfinite(e)]
+    if not late or not math.isfinite(target):
+        return math.nan
+    return sum(abs(e - target) <= BAND * target for e in late) / len(late)
 
 
 def summarize(runs: Sequence[SweepRun], out: Path) -> dict:
@@ -93,7 +111,9 @@ def markdown_table(table: dict) -> str:
         lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     note = (f"\nMean ± standard deviation over seeds. First / final: the mean over the first / last "
             f"{EDGE_FRACTION:.0%} of the steps; clipped: the share of each quadrant's tokens (positive / negative "
-            f"advantage, low / high probability) that the clip bounds, averaged over the steps.\n")
+            f"advantage, low / high probability) that the clip bounds, averaged over the steps; in band: the share "
+            f"of the second half's steps with entropy within ±{BAND:.0%} of the run's target (an entropy "
+            f"controller's own, else {TARGET_FRACTION} x the mean entropy of the first {TARGET_WARMUP} steps).\n")
     return "\n".join(lines) + "\n" + note
 
 

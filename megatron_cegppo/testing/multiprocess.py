@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import queue as queue_mod
-import socket
 import sys
 import tempfile
 import traceback
@@ -26,11 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_cegppo.netutil import free_port  # noqa: F401 (imported from here by tests)
 
 
 def _serialize(obj: Any) -> bytes:

@@ -48,3 +48,21 @@ def test_numbers_over_seeds_and_unfinished_runs(tmp_path):
     assert "Not finished yet (1 of 4 runs): beta1=1 seed 1." in text
     for plot in ("entropy.png", "reward.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_in_band_share_against_the_runs_target(tmp_path):
+    runs = plan_runs(tmp_path, ["algorithm.beta1=0.5,1"], [], [0], [])
+    fixed, controlled = runs
+    # fixed: first 10 steps at 1.0 -> target 0.8, band [0.72, 0.88]; the second half of 40
+    # steps (steps 20-39) holds 0.8 for 5 steps, 0.6 for 15
+    write_run(fixed, [1.0] * 20 + [0.8] * 5 + [0.6] * 15, [0.0] * 40, 1.0)
+    write_run(controlled, [1.0] * 20 + [0.5] * 10 + [0.59] * 10, [0.0] * 40, 1.0)
+    # the controller's own target wins over the rule: 0.55 -> band [0.495, 0.605]
+    lines = [json.loads(x) for x in (controlled.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for x in lines[12:]:
+        x["control/target"] = 0.55
+    (controlled.run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    table = summarize(runs, tmp_path)
+    assert table["beta1=0.5"]["in_band"]["values"] == [pytest.approx(5 / 20)]
+    assert table["beta1=1"]["in_band"]["values"] == [pytest.approx(1.0)]
+    assert "in band, 2nd half" in (tmp_path / "summary.md").read_text()
