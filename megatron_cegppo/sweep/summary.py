@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from megatron_cegppo.config.schema import EntropyControlConfig
 from megatron_cegppo.sweep.plan import SweepRun
 from megatron_cegppo.sweep.runner import DONE
 
@@ -24,10 +25,12 @@ COLUMNS = (
     ("wall_s", "wall s"),
 )
 # "in band": the share of the second half's steps whose entropy lies within BAND x the run's
-# target: the entropy controller's own (control/target) where it ran, else the same rule
-# (TARGET_FRACTION x the mean entropy of the first TARGET_WARMUP steps), so that fixed-beta
-# runs are judged against the target a controller would have set them
-TARGET_FRACTION, TARGET_WARMUP, BAND = 0.8, 10, 0.1
+# target: the entropy controller's own (control/target) where it ran, else the controller's
+# default rule (TARGET_FRACTION x the mean entropy of the first TARGET_WARMUP steps), so that
+# fixed-beta runs are judged against the target a controller would have set them. The warm-up
+# is the study's 10 steps, a steadier starting mean than the default 5
+TARGET_FRACTION, BAND = EntropyControlConfig.target_fraction, EntropyControlConfig.band
+TARGET_WARMUP = 10
 SMOOTHING = 10  # steps of the trailing mean drawn for reward
 
 
